@@ -1,0 +1,135 @@
+"""Configuration of one node, and the address helpers every entry point shares."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raftchan.limits import DEFAULT_LIMITS, Limits
+
+#: Environment variable holding the comma-separated client addresses of a cluster.
+ADDRESS_ENV = "RAFTCHAN_ADDRESS"
+
+
+class ConfigError(ValueError):
+    """A node or client was configured in a way that cannot work; the message says why."""
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` (or ``"[v6]:port"``) to ``(host, port)``; ConfigError if malformed."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"address {address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def parse_addresses(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """Addresses from a comma-separated string or a list; ``None`` reads $RAFTCHAN_ADDRESS.
+
+    Raises ConfigError when nothing is given anywhere or an entry is malformed.
+    """
+    if value is None:
+        value = os.environ.get(ADDRESS_ENV) or _dask_config_address()
+    if value is None:
+        raise ConfigError(
+            f"no cluster address: pass one, or set ${ADDRESS_ENV} "
+            "(or the dask config key raftchan.address)"
+        )
+    items = value.split(",") if isinstance(value, str) else list(value)
+    addresses = [item.strip() for item in items if item.strip()]
+    if not addresses:
+        raise ConfigError("the cluster address list is empty")
+    for address in addresses:
+        split_address(address)
+    return addresses
+
+
+def _dask_config_address() -> str | None:
+    try:
+        import dask.config
+    except ImportError:  # dask is a dependency, but the client must not need it to start
+        return None
+    value = dask.config.get("raftchan.address", default=None)
+    return value if isinstance(value, str) and value else None
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class RaftTuning:
+    """Raft timing. Defaults suit a LAN; tests lower them so faults heal in seconds.
+
+    ``min_timeout``/``max_timeout`` bound the randomised election timeout (seconds);
+    ``append_entries_period`` is the heartbeat; ``leader_fallback_timeout`` is how long a
+    leader that hears from no majority keeps believing it leads (it cannot commit
+    anything meanwhile, so it cannot serve linearizable reads either);
+    ``connection_retry`` is how soon a lost peer connection is dialled again;
+    ``compaction_min_entries`` is how many log entries trigger a snapshot.
+    """
+
+    min_timeout: float = 0.4
+    max_timeout: float = 1.4
+    append_entries_period: float = 0.1
+    leader_fallback_timeout: float = 5.0
+    connection_retry: float = 1.0
+    compaction_min_entries: int = 5000
+    compaction_min_time: float = 300.0
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything one node needs to start.
+
+    Attributes:
+        name: a label for logs and ``raftchan status``.
+        client_address: ``HOST:PORT`` the client listener binds.
+        peer_address: ``HOST:PORT`` this node's Raft port binds (and only that address).
+        peers: the other nodes' Raft addresses.
+        data_dir: where the journal, snapshot and meta files live.
+        cluster_secret: pysyncobj's password: encrypts and authenticates Raft traffic.
+            Required whenever the peer address is not loopback.
+        fsync: ``"always"`` (default) fsyncs the journal before the node acknowledges an
+            entry or sends any Raft message; ``"never"`` relies on the page cache (survives
+            a process kill, not a power loss).
+        dask_scheduler: address of the Dask scheduler whose futures this cluster keeps.
+        record_synced: test aid; the journal records its last fsynced length beside it so
+            a test can emulate power loss.
+    """
+
+    name: str
+    client_address: str
+    peer_address: str
+    peers: tuple[str, ...]
+    data_dir: Path
+    cluster_secret: str | None = None
+    fsync: str = "always"
+    dask_scheduler: str | None = None
+    limits: Limits = DEFAULT_LIMITS
+    raft: RaftTuning = field(default_factory=RaftTuning)
+    record_synced: bool = False
+
+    def validate(self) -> None:
+        """Raise ConfigError for a configuration that is unsafe or cannot work."""
+        for address in (self.client_address, self.peer_address, *self.peers):
+            split_address(address)
+        if self.peer_address in self.peers:
+            raise ConfigError("--peers must list the OTHER nodes, not this node's own address")
+        if self.fsync not in ("always", "never"):
+            raise ConfigError("fsync must be 'always' or 'never'")
+        hosts = [split_address(a)[0] for a in (self.peer_address, *self.peers)]
+        if self.cluster_secret is None and not all(is_loopback(h) for h in hosts):
+            raise ConfigError(
+                "refusing to start: a non-loopback peer address needs a cluster secret "
+                "(--cluster-secret-file); without it anyone who reaches the Raft port can "
+                "join the cluster and run code on this node"
+            )

@@ -1,0 +1,353 @@
+"""The node: an asyncio client listener in front of the replica.
+
+Any node accepts connections. Writes and linearizable reads are served by the leader only
+(followers answer ``not_leader`` with the leader's client address); long-polls and status
+are served by every node. One place reads the socket (:meth:`NodeServer._serve_connection`);
+everything about bytes is in :mod:`raftchan.protocol`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+from raftchan import protocol
+from raftchan.committer import Committer
+from raftchan.config import NodeConfig, split_address
+from raftchan.errors import (
+    ChannelNotFound,
+    CommitUnknown,
+    NoLeader,
+    NotLeader,
+    ProtocolError,
+    RaftchanError,
+    error_from_wire,
+)
+from raftchan.replica import Replica
+from raftchan.state import Result
+
+logger = logging.getLogger(__name__)
+
+#: How often a node checks that the replicated state knows its client address.
+REGISTER_INTERVAL = 1.0
+#: Bytes of a read response spent on framing and fields besides the items.
+_RESPONSE_OVERHEAD = 4096
+
+
+class NodeServer:
+    """One raftchan node: replica + group commit + client listener."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        config.validate()
+        self.config = config
+        self.limits = config.limits
+        self._loop = asyncio.get_running_loop()
+        self._applied = asyncio.Event()
+        self.replica = Replica(
+            config,
+            self._loop,
+            on_applied=self._on_applied,
+            on_role_changed=self._on_role_changed,
+            on_fatal=self._on_fatal,
+        )
+        commit_timeout = max(4 * config.raft.max_timeout, 5.0)
+        self.committer = Committer(self.replica.submit, self.limits, commit_timeout=commit_timeout)
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._background: list[asyncio.Task[None]] = []
+        self._was_leader = False
+        #: Set when the node must stop; ``fatal`` then says why (None for a clean stop).
+        self.stopped = asyncio.Event()
+        self.fatal: str | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        host, port = split_address(self.config.client_address)
+        self._server = await asyncio.start_server(
+            self._serve_connection, host, port, reuse_address=True, limit=2**20
+        )
+        self._background.append(asyncio.create_task(self._register_loop()))
+        logger.info(
+            "node %s ready: client=%s raft=%s",
+            self.config.name,
+            self.config.client_address,
+            self.config.peer_address,
+        )
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in [*self._background, *self._connections]:
+            task.cancel()
+        for task in [*self._background, *self._connections]:
+            with contextlib.suppress(BaseException):
+                await task
+        self.committer.fail_pending(CommitUnknown("node is shutting down"))
+        await asyncio.to_thread(self.replica.close)
+        logger.info("node %s stopped", self.config.name)
+
+    # -- replica callbacks (on the loop) -------------------------------------------------
+
+    def _on_applied(self, position: int) -> None:
+        # Wake every long-poll waiter; each re-checks its own condition.
+        self._applied.set()
+        self._applied = asyncio.Event()
+
+    def _on_fatal(self, reason: str) -> None:
+        self.fatal = reason
+        self.stopped.set()
+
+    def _on_role_changed(self) -> None:
+        leading = self.replica.is_leader
+        if self._was_leader and not leading:
+            # Commands already submitted settle through pysyncobj (or time out); only the
+            # ones not yet handed to Raft are failed here, as certainly not applied.
+            self.committer.fail_pending(NotLeader(leader=self.replica.leader_client_address()))
+        self._was_leader = leading
+
+    async def _register_loop(self) -> None:
+        """Make sure the replicated state maps this node's Raft address to its client address.
+
+        Followers use it to point clients at the leader.
+        """
+        op = ["node", self.config.name, self.config.peer_address, self.config.client_address]
+        while True:
+            await asyncio.sleep(REGISTER_INTERVAL)
+            with self.replica.lock:
+                record = self.replica.state.nodes.get(self.config.peer_address)
+            if record is not None and record.client_address == self.config.client_address:
+                continue
+            if self.replica.leader_raft_address() is None:
+                continue
+            try:
+                if self.replica.is_leader:
+                    await self.committer.submit_op(op)
+                else:
+                    # pysyncobj forwards a follower's command to the leader.
+                    command = _single_op_command(op, self.limits)
+                    await self.replica.submit(command, 5.0)
+            except RaftchanError as exc:
+                logger.debug("registering client address failed (will retry): %s", exc)
+
+    # -- connections ---------------------------------------------------------------------
+
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        peer = writer.get_extra_info("peername")
+        decoder = protocol.FrameDecoder(self.limits.max_frame_bytes)
+        requests: set[asyncio.Task[None]] = set()
+        greeted = False
+        try:
+            while True:
+                data = await reader.read(2**16)
+                if not data:
+                    return
+                decoder.feed(data)
+                for message in decoder.messages():
+                    if not greeted:
+                        protocol.check_hello(message)
+                        writer.write(
+                            protocol.encode_frame(protocol.hello_response(self.config.name))
+                        )
+                        greeted = True
+                        continue
+                    handler = asyncio.create_task(self._handle(message, writer))
+                    requests.add(handler)
+                    handler.add_done_callback(requests.discard)
+        except ProtocolError as exc:
+            logger.warning("closing connection from %s: %s", peer, exc)
+            with contextlib.suppress(Exception):
+                writer.write(protocol.encode_frame(protocol.error_response(None, exc)))
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            for handler in requests:
+                handler.cancel()
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            self._connections.discard(task)
+
+    async def _handle(self, message: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        request_id = message.get("id") if isinstance(message.get("id"), int) else None
+        try:
+            request = protocol.parse_request(message, self.limits)
+            response = await self._dispatch(request)
+        except RaftchanError as exc:
+            response = protocol.error_response(request_id, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug of ours: answer it, keep serving others
+            logger.exception("request %r failed", message.get("type"))
+            response = protocol.error_response(request_id, RaftchanError(f"internal error: {exc}"))
+        if writer.is_closing():
+            return
+        try:
+            frame = protocol.encode_frame(response)
+        except Exception as exc:
+            frame = protocol.encode_frame(
+                protocol.error_response(request_id, RaftchanError(f"unencodable response: {exc}"))
+            )
+        writer.write(frame)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+
+    async def _dispatch(self, request: protocol.Request) -> dict[str, Any]:
+        rid = request.id
+        if isinstance(request, protocol.Status):
+            return protocol.ok_response(rid, **self.replica.status())
+        if isinstance(request, protocol.Poll):
+            return protocol.ok_response(rid, **await self._poll(request))
+        self._require_leader()
+        if isinstance(request, protocol.Append):
+            op = ["append", request.channel, request.session, request.seq, request.items]
+            result = await self._commit(op, sum(len(i) for i in request.items))
+            return protocol.ok_response(
+                rid, indexes=result["indexes"], duplicate=result["duplicate"]
+            )
+        if isinstance(request, protocol.Open):
+            result = await self._commit(["open", request.channel, request.maxlen])
+            return protocol.ok_response(rid, **_without_ok(result))
+        if isinstance(request, protocol.Stop):
+            result = await self._commit(["stop", request.channel])
+            return protocol.ok_response(rid, **_without_ok(result))
+        if isinstance(request, protocol.Delete):
+            await self._commit(["delete", request.channel])
+            return protocol.ok_response(rid)
+        if isinstance(request, protocol.EndSession):
+            await self._commit(["end_session", request.session])
+            return protocol.ok_response(rid)
+        if isinstance(request, protocol.Info):
+            await self._barrier()
+            with self.replica.lock:
+                if request.channel not in self.replica.state.channels:
+                    raise ChannelNotFound(
+                        f"channel {request.channel!r} does not exist", channel=request.channel
+                    )
+                info = self.replica.state.info(request.channel)
+            return protocol.ok_response(rid, **info)
+        if isinstance(request, protocol.Read):
+            await self._barrier()
+            return protocol.ok_response(
+                rid, **self._read(request.channel, request.start, request.end)
+            )
+        raise AssertionError(f"unhandled request type {request.TYPE}")
+
+    # -- writes and linearizable reads ---------------------------------------------------
+
+    def _require_leader(self) -> None:
+        if not self.replica.is_leader:
+            leader = self.replica.leader_client_address()
+            if leader is None and self.replica.leader_raft_address() is None:
+                raise NoLeader("no leader is known to this node")
+            raise NotLeader(leader=leader)
+
+    async def _commit(self, op: list[Any], size: int = 0) -> Result:
+        result = await self.committer.submit_op(op, size)
+        if not result.get("ok"):
+            raise error_from_wire(result["code"], result["message"], result.get("details"))
+        return result
+
+    async def _barrier(self) -> None:
+        await self.committer.barrier()
+        # The barrier proves leadership at commit time; if we lost it since, the state we
+        # would read is still committed, so serving it stays linearizable.
+
+    def _read(self, channel: str, start: int | None, end: int | None) -> dict[str, Any]:
+        with self.replica.lock:
+            result = self.replica.state.read(channel, start, end, self.limits.max_read_items)
+        if not result.get("ok"):
+            raise error_from_wire(result["code"], result["message"], result.get("details"))
+        items: list[bytes] = result["items"]
+        budget = self.limits.max_frame_bytes - _RESPONSE_OVERHEAD
+        total = 0
+        for count, item in enumerate(items):
+            total += len(item) + 8
+            if total > budget:
+                items = items[: max(count, 1)]
+                break
+        return {**_without_ok(result), "items": items}
+
+    # -- long-poll (any node) ------------------------------------------------------------
+
+    async def _poll(self, request: protocol.Poll) -> dict[str, Any]:
+        """Items at ``request.start`` once this node has applied ``min_position``.
+
+        Returns early with what is there; an empty answer after ``wait`` seconds otherwise.
+        """
+        deadline = self._loop.time() + request.wait
+        while True:
+            event = self._applied
+            with self.replica.lock:
+                position = self.replica.state.position
+                channel = self.replica.state.channels.get(request.channel)
+                caught_up = position >= request.min_position and self.replica.is_ready
+                has_news = channel is not None and (
+                    channel.next > request.start or channel.stopped or request.start < channel.first
+                )
+            if caught_up and (channel is None or has_news):
+                return self._read(request.channel, request.start, None)
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                if not caught_up:
+                    raise NoLeader(
+                        f"node {self.config.name} has applied position {position}, "
+                        f"behind the reader's {request.min_position}; try another node"
+                    )
+                return self._read(request.channel, request.start, None)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(event.wait(), remaining)
+
+
+def _without_ok(result: Result) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k != "ok"}
+
+
+def _single_op_command(op: list[Any], limits: Any) -> bytes:
+    from raftchan.state import encode_command
+
+    return encode_command([op], limits.max_channels, limits.max_sessions)
+
+
+async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> str | None:
+    """Run a node until ``stop`` is set, SIGTERM/SIGINT arrives, or it fails.
+
+    Returns ``None`` after a clean stop, or the reason the node could not go on.
+    """
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    server = NodeServer(config)
+    try:
+        await server.start()
+        stop_wait = asyncio.create_task(stop.wait())
+        fatal_wait = asyncio.create_task(server.stopped.wait())
+        await asyncio.wait({stop_wait, fatal_wait}, return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        fatal_wait.cancel()
+    finally:
+        await server.close()
+    return server.fatal
+
+
+def run_node(config: NodeConfig) -> None:
+    """Run one node in the foreground until SIGTERM/SIGINT (raises ConfigError first if unsafe).
+
+    Exits the process with status 1 when the node cannot go on (for example, a snapshot
+    that cannot be loaded), after logging why.
+    """
+    config.validate()
+    fatal = asyncio.run(serve(config))
+    if fatal is not None:
+        raise SystemExit(f"raftchan node {config.name} stopped: {fatal}")

@@ -1,0 +1,256 @@
+"""The snapshot file: what pysyncobj calls a "full dump".
+
+pysyncobj compacts its log by asking a serializer hook to write a snapshot to
+``fullDumpFile + ".tmp"`` and then renaming it over ``fullDumpFile`` itself. The
+hook receives the last applied Raft entry, the entry before it and the cluster
+nodes; the state machine's own bytes are added by the caller. On restart (and
+when a follower installs a snapshot sent by the leader) the deserializer must
+hand the two entries back as ``(command, index, term)`` *tuples*: pysyncobj
+compares them with journal entries using ``!=``, and a list never equals a
+tuple, which would make it discard the whole journal on every restart.
+
+File layout (all integers little-endian)::
+
+    magic    8 bytes   b"RCSNAPSH"
+    version  u32       FORMAT_VERSION
+    meta_len u32       length of the msgpack meta block
+    meta_crc u32       CRC32 of the meta block
+    state_crc u32      CRC32 of the state blob
+    state_len u64      length of the state blob
+    meta     meta_len  msgpack [last_entry, prev_entry, node_ids]
+    state    state_len opaque bytes of the state machine
+
+The meta block carries its own checksum so the anchor can be found without
+trusting the state blob, but every reader here verifies both checksums: a
+snapshot whose state is damaged must not be used to trim the journal.
+Only msgpack is used, never pickle, so reading a file cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import msgpack
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "Entry",
+    "Snapshot",
+    "SnapshotCorrupt",
+    "fsync_directory",
+    "read_snapshot",
+    "read_snapshot_anchor",
+    "write_snapshot",
+]
+
+MAGIC = b"RCSNAPSH"
+FORMAT_VERSION = 1
+
+# magic, version, meta_len, meta_crc, state_crc, state_len
+_HEADER = struct.Struct("<8sIIIIQ")
+
+# The meta block holds two log entries and the member list; anything this big is damage,
+# and refusing it keeps a corrupt length field from triggering a huge allocation.
+_MAX_META_LEN = 256 * 1024 * 1024
+
+# Read the state in pieces when checking its CRC, so that verifying a snapshot for its
+# anchor does not need the whole blob in memory at once.
+_CHUNK = 1 << 20
+
+Entry = tuple[bytes, int, int]
+"""A Raft log entry as pysyncobj handles it: ``(command, index, term)``."""
+
+
+class SnapshotCorrupt(ValueError):
+    """The snapshot file is damaged, truncated, or not a snapshot of this format."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The decoded contents of a snapshot file."""
+
+    last_entry: Entry
+    """The last Raft entry applied to ``state``."""
+    prev_entry: Entry
+    """The entry just before ``last_entry``; the journal is trimmed to start here."""
+    node_ids: tuple[str, ...]
+    """Ids of the cluster members when the snapshot was taken."""
+    state: bytes
+    """The state machine's own snapshot bytes, opaque to this module."""
+
+
+def fsync_directory(path: str | os.PathLike[str]) -> None:
+    """Flush a directory's entries (file creations, renames, removals) to disk.
+
+    ``path`` is the directory itself. A rename is only durable once the directory that
+    holds it is fsynced; the file's own fsync does not cover it. On platforms that cannot
+    open a directory (Windows) this does nothing.
+    """
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (IsADirectoryError, PermissionError):  # pragma: no cover - not on Linux
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_entry(entry: Any, name: str) -> Entry:
+    """Validate one entry supplied by a caller and return it as a plain tuple."""
+    if not isinstance(entry, Sequence) or isinstance(entry, (str, bytes)) or len(entry) != 3:
+        raise TypeError(f"{name} must be a (command: bytes, index: int, term: int) tuple")
+    command, index, term = entry
+    if not isinstance(command, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{name}[0] (command) must be bytes, not {type(command).__name__}")
+    if not isinstance(index, int) or not isinstance(term, int):
+        raise TypeError(f"{name} index and term must be int")
+    if index < 0 or term < 0:
+        raise ValueError(f"{name} index and term must not be negative")
+    return (bytes(command), index, term)
+
+
+def write_snapshot(
+    path: str | os.PathLike[str],
+    last_entry: Entry,
+    prev_entry: Entry,
+    node_ids: Iterable[str],
+    state: bytes | bytearray | memoryview,
+) -> None:
+    """Write a snapshot to exactly ``path`` and fsync the file.
+
+    When this returns, the file's contents are on disk. The directory entry is *not*
+    fsynced: pysyncobj passes a ``.tmp`` name and renames the file into place itself;
+    the journal fsyncs the directory before it trims anything the snapshot replaces.
+    """
+    last = _check_entry(last_entry, "last_entry")
+    prev = _check_entry(prev_entry, "prev_entry")
+    nodes = list(node_ids)
+    if not all(isinstance(n, str) for n in nodes):
+        raise TypeError("node_ids must be strings")
+    if not isinstance(state, (bytes, bytearray, memoryview)):
+        raise TypeError(f"state must be bytes, not {type(state).__name__}")
+    state_view = memoryview(state).cast("B")
+
+    meta = msgpack.packb([list(last), list(prev), nodes], use_bin_type=True)
+    header = _HEADER.pack(
+        MAGIC,
+        FORMAT_VERSION,
+        len(meta),
+        zlib.crc32(meta),
+        zlib.crc32(state_view),
+        len(state_view),
+    )
+    with open(path, "wb") as f:
+        f.write(header)
+        f.write(meta)
+        # Written separately so a large state blob is not copied into one buffer with the rest.
+        f.write(state_view)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_exact(f: BinaryIO, n: int, what: str, path: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise SnapshotCorrupt(
+            f"snapshot {path!r} is truncated: {what} needs {n} bytes, found {len(data)}"
+        )
+    return data
+
+
+def _decode_entry(raw: Any, name: str, path: str) -> Entry:
+    if (
+        not isinstance(raw, list)
+        or len(raw) != 3
+        or not isinstance(raw[0], bytes)
+        or not isinstance(raw[1], int)
+        or not isinstance(raw[2], int)
+    ):
+        raise SnapshotCorrupt(f"snapshot {path!r} has a malformed {name}: {raw!r:.200}")
+    # A tuple, never a list: pysyncobj compares it with journal tuples.
+    return (raw[0], raw[1], raw[2])
+
+
+def _read(path: str | os.PathLike[str], *, load_state: bool) -> Snapshot:
+    """Read and verify a snapshot; the state blob is returned only if ``load_state``."""
+    spath = os.fspath(path)
+    with open(spath, "rb") as f:
+        header = _read_exact(f, _HEADER.size, "the header", spath)
+        magic, version, meta_len, meta_crc, state_crc, state_len = _HEADER.unpack(header)
+        if magic != MAGIC:
+            raise SnapshotCorrupt(f"{spath!r} is not a raftchan snapshot (bad magic {magic!r})")
+        if version != FORMAT_VERSION:
+            raise SnapshotCorrupt(
+                f"snapshot {spath!r} has format version {version}; "
+                f"this code reads version {FORMAT_VERSION}"
+            )
+        if meta_len > _MAX_META_LEN:
+            raise SnapshotCorrupt(f"snapshot {spath!r} declares an implausible meta size")
+        size = os.fstat(f.fileno()).st_size
+        expected = _HEADER.size + meta_len + state_len
+        if size != expected:
+            raise SnapshotCorrupt(f"snapshot {spath!r} is {size} bytes, its header says {expected}")
+
+        meta = _read_exact(f, meta_len, "the meta block", spath)
+        if zlib.crc32(meta) != meta_crc:
+            raise SnapshotCorrupt(f"snapshot {spath!r}: CRC mismatch in the meta block")
+
+        if load_state:
+            state = _read_exact(f, state_len, "the state", spath)
+            crc = zlib.crc32(state)
+        else:
+            state = b""
+            crc = 0
+            remaining = state_len
+            while remaining:
+                chunk = _read_exact(f, min(remaining, _CHUNK), "the state", spath)
+                crc = zlib.crc32(chunk, crc)
+                remaining -= len(chunk)
+        if crc != state_crc:
+            raise SnapshotCorrupt(f"snapshot {spath!r}: CRC mismatch in the state")
+
+    try:
+        decoded = msgpack.unpackb(meta, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise SnapshotCorrupt(f"snapshot {spath!r}: meta block does not decode: {exc}") from exc
+    if not isinstance(decoded, list) or len(decoded) != 3:
+        raise SnapshotCorrupt(f"snapshot {spath!r}: meta block has the wrong shape")
+    raw_last, raw_prev, raw_nodes = decoded
+    if not isinstance(raw_nodes, list) or not all(isinstance(n, str) for n in raw_nodes):
+        raise SnapshotCorrupt(f"snapshot {spath!r}: node ids are not a list of strings")
+    return Snapshot(
+        last_entry=_decode_entry(raw_last, "last entry", spath),
+        prev_entry=_decode_entry(raw_prev, "previous entry", spath),
+        node_ids=tuple(raw_nodes),
+        state=state,
+    )
+
+
+def read_snapshot(path: str | os.PathLike[str]) -> Snapshot:
+    """Read and verify the snapshot at ``path``.
+
+    Raises :class:`SnapshotCorrupt` when the file is truncated, fails a checksum, or is not
+    a snapshot of this format; ``FileNotFoundError`` when it does not exist.
+    Entries come back as ``(bytes, int, int)`` tuples.
+    """
+    return _read(path, load_state=True)
+
+
+def read_snapshot_anchor(path: str | os.PathLike[str]) -> Entry | None:
+    """Return the ``prev_entry`` of the snapshot at ``path``, or None if there is no file.
+
+    This is the entry the journal must start with for pysyncobj to keep it. The whole file
+    is verified (state included, read in chunks) and :class:`SnapshotCorrupt` is raised if
+    it is damaged: the journal must not be trimmed against a snapshot that cannot be loaded.
+    """
+    try:
+        return _read(path, load_state=False).prev_entry
+    except FileNotFoundError:
+        return None
