@@ -15,12 +15,13 @@ the read began.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from raftchan.errors import RaftchanError
+from raftchan.errors import CommitUnknown, RaftchanError
 from raftchan.state import Result, encode_command
 
 logger = logging.getLogger(__name__)
@@ -86,7 +87,8 @@ class Committer:
     def fail_pending(self, error: RaftchanError) -> None:
         """Fail everything not yet submitted (this node stopped leading or is closing)."""
         batch, self._pending = self._pending, _Batch()
-        for future in [*batch.op_futures, *batch.barriers]:
+        waiters: list[asyncio.Future[Any]] = [*batch.op_futures, *batch.barriers]
+        for future in waiters:
             if not future.done():
                 future.set_exception(error)
 
@@ -105,7 +107,7 @@ class Committer:
                 self._inflight -= 1
                 self._settle(batch, None, exc)
                 continue
-            future.add_done_callback(lambda f, batch=batch: self._on_committed(batch, f))
+            future.add_done_callback(functools.partial(self._on_committed, batch))
 
     def _take_batch(self) -> _Batch:
         pending = self._pending
@@ -126,7 +128,9 @@ class Committer:
     def _on_committed(self, batch: _Batch, future: asyncio.Future[list[Result]]) -> None:
         self._inflight -= 1
         if future.cancelled():
-            self._settle(batch, None, asyncio.CancelledError())
+            # The command may still commit. A CancelledError handed to the waiters would
+            # also read as if their own tasks had been cancelled.
+            self._settle(batch, None, CommitUnknown("the command's commit was cancelled"))
         elif future.exception() is not None:
             self._settle(batch, None, future.exception())
         else:

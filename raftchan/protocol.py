@@ -49,6 +49,7 @@ reader moving between nodes never goes back.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
@@ -266,6 +267,10 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "min_position": (int,),
     "wait": (int, float),
 }
+# Where one request type is stricter than the table above: a poll needs a start index.
+_REQUEST_FIELD_TYPES: dict[tuple[str, str], tuple[type, ...]] = {
+    ("poll", "start"): (int,),
+}
 
 
 def parse_request(message: dict[str, Any], limits: Any = DEFAULT_LIMITS) -> Request:
@@ -291,7 +296,7 @@ def parse_request(message: dict[str, Any], limits: Any = DEFAULT_LIMITS) -> Requ
         if f.name not in message:
             raise RequestInvalid(f"{kind}: missing field {f.name!r}", id=request_id)
         value = message[f.name]
-        allowed = _FIELD_TYPES[f.name]
+        allowed = _REQUEST_FIELD_TYPES.get((cls.TYPE, f.name), _FIELD_TYPES[f.name])
         if isinstance(value, bool) or not isinstance(value, allowed):
             raise RequestInvalid(
                 f"{kind}: field {f.name!r} has type {type(value).__name__}",
@@ -310,6 +315,9 @@ def parse_request(message: dict[str, Any], limits: Any = DEFAULT_LIMITS) -> Requ
     if values.get("maxlen") == 0:
         raise RequestInvalid("maxlen must be at least 1 (or nil for unbounded)", id=request_id)
     if "wait" in values:
+        if isinstance(values["wait"], float) and math.isnan(values["wait"]):
+            # NaN would pass the clamp below and end up as an event-loop deadline.
+            raise RequestInvalid(f"{kind}: field 'wait' is not a number", id=request_id)
         values["wait"] = min(max(float(values["wait"]), 0.0), limits.max_poll_wait)
     if "session" in values and len(values["session"]) != SESSION_ID_BYTES:
         raise RequestInvalid(f"session id must be {SESSION_ID_BYTES} bytes", id=request_id)
@@ -362,10 +370,14 @@ def response_error(message: dict[str, Any]) -> RaftchanError | None:
     error = message.get("error")
     if not isinstance(error, dict):
         return ProtocolError("response has neither ok nor a well-formed error")
+    details = error.get("details")
     return error_from_wire(
         str(error.get("code", "error")),
         str(error.get("message", "")),
-        error.get("details") if isinstance(error.get("details"), dict) else None,
+        # Only string keys can become keyword details, and "message" is the message itself.
+        {k: v for k, v in details.items() if isinstance(k, str) and k != "message"}
+        if isinstance(details, dict)
+        else None,
     )
 
 

@@ -85,14 +85,14 @@ class _SyncBeforeSendTransport(TCPTransport):
         return bool(super().send(node, message))
 
 
-class _RaftNode(SyncObj):  # type: ignore[misc]
+class _RaftNode(SyncObj):
     """The pysyncobj object: exactly one replicated method; no other replicated state."""
 
     def __init__(self, apply: Callable[[bytes], list[Result]], **kwargs: Any) -> None:
         self._raftchan_apply = apply
         super().__init__(**kwargs)
 
-    @replicated  # type: ignore[misc]
+    @replicated
     def apply_command(self, command: bytes) -> list[Result]:
         return self._raftchan_apply(command)
 

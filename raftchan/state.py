@@ -403,7 +403,7 @@ class ChannelState:
             raise ValueError("not a raftchan state snapshot of a known version")
         state = cls()
         state.position = decoded["position"]
-        state._limits = tuple(decoded["limits"])  # type: ignore[assignment]
+        state._limits = tuple(decoded["limits"])
         for name, (maxlen, stopped, first, items) in decoded["channels"].items():
             state.channels[name] = Channel(maxlen=maxlen, stopped=stopped, first=first, items=items)
         for sid, last_seq, ranges in decoded["sessions"]:
