@@ -1,0 +1,1204 @@
+"""AsyncClient: leader discovery, retries, sessions, pipelined appends, resuming readers.
+
+How appends travel
+    ``append`` encodes the item and queues it in the client's outbox with the next
+    sequence number of the client's session (one numbering across all channels). A
+    background sender turns runs of queued items for the same channel into ``append``
+    requests and keeps up to ``max_in_flight`` of them on the one leader connection.
+    Every item stays queued until the cluster has answered for it. When a connection
+    drops, the leader changes, or an answer leaves the outcome unknown, the sender
+    reconnects and re-sends *every* unanswered item in sequence order with its original
+    sequence number; the replicated state recognises repeats, so nothing is stored twice
+    and nothing is reordered. ``flush`` waits for the answers.
+
+What the errors let a caller conclude
+    :class:`~raftchan.errors.NoLeader` from an operation: no node could be asked within
+    its deadline; nothing was executed. :class:`~raftchan.errors.Timeout`: the request
+    was sent but no answer came within the deadline; it may or may not have taken effect
+    (for ``flush``: the appends stay queued and keep being retried). Channel errors
+    (:class:`~raftchan.errors.ChannelStopped`, ...) mean the request was refused and
+    changed nothing. :class:`~raftchan.errors.Closed`: this client was closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import random
+from collections import OrderedDict, deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+from raftchan import protocol
+from raftchan.codec import ItemCodec
+from raftchan.config import parse_addresses, split_address
+from raftchan.errors import (
+    ChannelNotFound,
+    ChannelStopped,
+    Closed,
+    CommitUnknown,
+    NoLeader,
+    NotLeader,
+    ProtocolError,
+    RaftchanError,
+    Timeout,
+    TrimmedGap,
+)
+from raftchan.limits import DEFAULT_LIMITS, Limits
+from raftchan.protocol import ChannelInfo, ReadResult
+
+__all__ = ["AsyncChannel", "AsyncClient", "Backoff", "RetryPolicy"]
+
+logger = logging.getLogger(__name__)
+
+#: Bytes of an append frame spent on everything but the items (ids, names, session).
+_APPEND_OVERHEAD = 4096
+#: msgpack header bytes of one ``bin`` item inside an append frame (bin 32 at most).
+_ITEM_OVERHEAD = 5
+
+_T = TypeVar("_T")
+
+#: Refusals decided by the replicated state itself: they consume their sequence numbers.
+#: Anything else refused was refused by the node before the state saw it.
+_STATE_REFUSALS = (ChannelStopped, ChannelNotFound)
+
+#: What dialling a node may raise: refused/reset/unresolvable (OSError), a timeout
+#: (not an OSError on Python 3.10), EOF during the handshake, a malformed leader hint
+#: (ValueError), or a handshake the node rejected (RaftchanError).
+_DIAL_ERRORS = (OSError, asyncio.TimeoutError, EOFError, ValueError, RaftchanError)
+
+
+# ---------------------------------------------------------------------------------------
+# Retry policy
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How the client waits between attempts and how long it keeps trying.
+
+    After the ``n``-th failed attempt of an operation (``n`` from 0) the client waits
+    ``min(initial_delay * multiplier**n, max_delay)``, scaled by a random factor in
+    ``[1 - jitter, 1 + jitter]`` so that many clients do not retry in lockstep.
+
+    Attributes:
+        initial_delay: seconds to wait after the first failed attempt.
+        multiplier: growth of the delay per further failed attempt (at least 1).
+        max_delay: cap of the delay before jitter, in seconds.
+        jitter: fraction of random spread applied to each delay (0 to 1).
+        timeout: default overall deadline of one operation (``channel``, ``flush``,
+            ``data``, ``stop``, one poll of an iteration, ...) in seconds, covering every
+            reconnect, redirect and retry. An operation given its own ``timeout`` uses
+            that instead.
+        attempt_timeout: bounds one connect-and-handshake, and how long the client waits
+            for any single response beyond the poll's own wait. A node that stays silent
+            that long is treated as gone: the connection is dropped and the client moves on.
+    """
+
+    initial_delay: float = 0.05
+    multiplier: float = 2.0
+    max_delay: float = 2.0
+    jitter: float = 0.2
+    timeout: float = 30.0
+    attempt_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.initial_delay < 0 or self.max_delay < 0:
+            raise ValueError("retry delays must not be negative")
+        if self.multiplier < 1:
+            raise ValueError("the retry multiplier must be at least 1")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError("jitter is a fraction between 0 and 1")
+        if self.timeout <= 0 or self.attempt_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (0-based)."""
+        # Cap the exponent first: a long outage must not overflow the float.
+        base = self.initial_delay * self.multiplier ** min(attempt, 64)
+        base = min(base, self.max_delay)
+        spread = (rng or random).uniform(-self.jitter, self.jitter)
+        return max(0.0, base * (1.0 + spread))
+
+
+class Backoff:
+    """Successive delays of one :class:`RetryPolicy`; ``reset`` after a success."""
+
+    def __init__(self, policy: RetryPolicy, rng: random.Random | None = None) -> None:
+        self._policy = policy
+        self._rng = rng
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        delay = self._policy.delay(self.attempt, self._rng)
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+# ---------------------------------------------------------------------------------------
+# Addresses
+
+
+class _AddressBook:
+    """Which node to dial next: the leader hint if any, else round-robin from a random start."""
+
+    def __init__(self, addresses: Sequence[str], rng: random.Random | None = None) -> None:
+        if not addresses:
+            raise ValueError("at least one address is needed")
+        self.addresses = list(addresses)
+        # A random start spreads many clients over the nodes for their first dial.
+        self._cursor = (rng or random).randrange(len(self.addresses))
+        self._hint: str | None = None
+
+    def hint(self, leader: str | None) -> None:
+        """Dial ``leader`` next (a node's ``not_leader`` answer named it)."""
+        self._hint = leader
+
+    def next(self) -> str:
+        if self._hint is not None:
+            address, self._hint = self._hint, None
+            return address
+        address = self.addresses[self._cursor % len(self.addresses)]
+        self._cursor += 1
+        return address
+
+
+# ---------------------------------------------------------------------------------------
+# The outbox: appends from queueing to their answer (pure logic, no I/O)
+
+
+@dataclass(eq=False)
+class _Item:
+    ticket: int  # position in this client's append order; never changes
+    seq: int  # sequence number within the current session
+    channel: str
+    data: bytes
+    sent: bool = False  # sent at least once under the current session
+
+
+@dataclass(frozen=True, eq=False)
+class _Batch:
+    """The items of one append request, and the session and epoch it was sent in."""
+
+    epoch: int
+    session: bytes
+    channel: str
+    items: tuple[_Item, ...]
+
+    @property
+    def seq(self) -> int:
+        return self.items[0].seq
+
+    @property
+    def payload(self) -> list[bytes]:
+        return [item.data for item in self.items]
+
+
+class _Outbox:
+    """Every append not yet answered, in order; see the module docstring.
+
+    ``epoch`` grows whenever everything unanswered must be sent again; answers to
+    requests of an older epoch still count when they are definite (stored or refused),
+    but cannot trigger yet another re-send.
+
+    Tickets number the appends in the order they were made and never change, so
+    ``flush`` can wait for "everything up to ticket T" even if the items are renumbered
+    into a new session (see :meth:`_rotate`).
+    """
+
+    def __init__(self, new_session: Callable[[], bytes] | None = None) -> None:
+        self._new_session = new_session or (lambda: os.urandom(protocol.SESSION_ID_BYTES))
+        self.session = self._new_session()
+        #: True once anything was sent under ``session`` (so ending it is worth a request).
+        self.session_used = False
+        self.epoch = 0
+        self._pending: OrderedDict[int, _Item] = OrderedDict()
+        self._unsent: deque[_Item] = deque()
+        self._last_ticket = 0
+        self._next_seq = 1
+        self._errors: list[tuple[int, RaftchanError]] = []
+        #: The session's seq 1 was refused before reaching the state (see expire()).
+        self._unborn = False
+
+    # -- queueing and batching ------------------------------------------------------------
+
+    @property
+    def last_ticket(self) -> int:
+        return self._last_ticket
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def add(self, channel: str, datas: Iterable[bytes]) -> int:
+        """Queue encoded items for ``channel``; return the ticket of the last one."""
+        for data in datas:
+            self._last_ticket += 1
+            item = _Item(self._last_ticket, self._next_seq, channel, data)
+            self._next_seq += 1
+            self._pending[item.ticket] = item
+            self._unsent.append(item)
+        return self._last_ticket
+
+    def done_through(self) -> int:
+        """Highest ticket T such that every append up to T is answered."""
+        for ticket in self._pending:
+            return ticket - 1
+        return self._last_ticket
+
+    def has_unsent(self) -> bool:
+        self._skip_answered()
+        return bool(self._unsent)
+
+    def next_batch(self, max_items: int, max_bytes: int) -> _Batch | None:
+        """The next run of unsent items for one channel, within the given bounds.
+
+        Always takes at least one item, so an item that alone exceeds ``max_bytes`` still
+        goes out (and gets the node's own verdict).
+        """
+        self._skip_answered()
+        if not self._unsent:
+            return None
+        channel = self._unsent[0].channel
+        taken: list[_Item] = []
+        size = len(channel)
+        while self._unsent and len(taken) < max_items:
+            item = self._unsent[0]
+            cost = len(item.data) + _ITEM_OVERHEAD
+            if item.channel != channel or (taken and size + cost > max_bytes):
+                break
+            if item.ticket not in self._pending:  # answered while queued for a re-send
+                self._unsent.popleft()
+                continue
+            taken.append(self._unsent.popleft())
+            size += cost
+        for item in taken:
+            item.sent = True
+        self.session_used = True
+        return _Batch(self.epoch, self.session, channel, tuple(taken))
+
+    def _skip_answered(self) -> None:
+        while self._unsent and self._unsent[0].ticket not in self._pending:
+            self._unsent.popleft()
+
+    # -- answers -------------------------------------------------------------------------
+
+    def acknowledge(self, batch: _Batch) -> None:
+        """The batch is stored (or was stored before: a repeat)."""
+        for item in batch.items:
+            self._pending.pop(item.ticket, None)
+
+    def refuse(self, batch: _Batch, error: RaftchanError) -> None:
+        """The cluster refused the batch for a reason that a retry would not change."""
+        if batch.session != self.session:
+            # Answer from before a session change: the items were renumbered and will get
+            # their own answer in the new session.
+            return
+        if batch.seq == 1 and not isinstance(error, _STATE_REFUSALS):
+            # Refused before reaching the replicated state, so the state never created
+            # this session; see expire().
+            self._unborn = True
+        self._fail([item for item in batch.items if item.ticket in self._pending], error)
+
+    def expire(self, batch: _Batch, error: RaftchanError) -> None:
+        """The state does not know this session: what was sent under it has an unknown outcome.
+
+        Those items are answered with ``error``; the rest move to a fresh session so the
+        client can go on appending. One exception: if the session's first request never
+        reached the state (refused by the node itself), the state never had the session,
+        so nothing sent under it was applied: everything moves on without an error.
+        """
+        if batch.session != self.session:
+            return
+        if not self._unborn:
+            self._fail([item for item in self._pending.values() if item.sent], error)
+        self._rotate(list(self._pending.values()))
+
+    def gap(self, batch: _Batch, expected: int) -> bool:
+        """The state answered "sequence gap: expected E"; return True if that forced a new session.
+
+        Normally E is an item still queued here (an earlier request was lost) and the
+        caller re-sends everything. But a request the node refuses before it reaches the
+        replicated state (a request-level limit, say) leaves its sequence numbers
+        unconsumed, so the state keeps waiting for a number this client will never send
+        again. Then every queued item below E was applied (the state's last sequence is
+        E - 1) and the items from E on move to a fresh session.
+        """
+        if batch.session != self.session:
+            return False
+        waiting = next((i for i in self._pending.values() if i.seq == expected), None)
+        if waiting is not None or not 0 < expected < self._next_seq:
+            return False
+        applied = [item for item in self._pending.values() if item.seq < expected]
+        for item in applied:
+            self._pending.pop(item.ticket)
+        self._rotate([item for item in self._pending.values() if item.seq >= expected])
+        return True
+
+    def rewind(self) -> None:
+        """Queue every unanswered item to be sent again, in order, with its sequence number."""
+        self.epoch += 1
+        self._unsent = deque(self._pending.values())
+
+    def _fail(self, items: list[_Item], error: RaftchanError) -> None:
+        if not items:
+            return
+        for item in items:
+            self._pending.pop(item.ticket, None)
+        self._errors.append((items[0].ticket, error))
+
+    def _rotate(self, renumber: list[_Item]) -> None:
+        """Start a new session; ``renumber`` (unanswered, in order) get numbers 1, 2, ..."""
+        self.session = self._new_session()
+        self.session_used = False
+        self._unborn = False
+        self._next_seq = 1
+        for item in renumber:
+            item.seq = self._next_seq
+            item.sent = False
+            self._next_seq += 1
+        self.rewind()
+
+    def take_error(self, through: int) -> RaftchanError | None:
+        """The first recorded error of appends up to ticket ``through``; forgets all of those."""
+        covered = [entry for entry in self._errors if entry[0] <= through]
+        if not covered:
+            return None
+        self._errors = [entry for entry in self._errors if entry[0] > through]
+        return min(covered, key=lambda entry: entry[0])[1]
+
+
+# ---------------------------------------------------------------------------------------
+# One connection
+
+
+class _ConnectionLost(CommitUnknown):
+    """The connection dropped before the answer came; the request's outcome is unknown."""
+
+
+class _Connection:
+    """One handshaken connection to a node; requests are pipelined, answers matched by id.
+
+    One reader task reads the socket and resolves each request's future. A request that
+    gets no answer within its response timeout makes the connection count as dead: it is
+    closed and every request on it fails with :class:`_ConnectionLost`.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        node: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        decoder: protocol.FrameDecoder,
+    ) -> None:
+        self.address = address
+        self.node = node
+        self._reader = reader
+        self._writer = writer
+        self._decoder = decoder
+        self._next_id = 1
+        self._pending: dict[int, tuple[asyncio.Future[dict[str, Any]], asyncio.TimerHandle]] = {}
+        self.closed = False
+        self._read_task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    @classmethod
+    async def open(cls, address: str, timeout: float, max_frame_bytes: int) -> _Connection:
+        """Connect and handshake within ``timeout`` seconds."""
+        host, port = split_address(address)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        decoder = protocol.FrameDecoder(max_frame_bytes)
+        try:
+            writer.write(protocol.encode_frame(protocol.hello_request()))
+            hello = await asyncio.wait_for(_read_message(reader, decoder), timeout)
+            if "ok" in hello:  # the node answered the hello with an error response
+                raise protocol.response_error(hello) or ProtocolError("unexpected hello answer")
+            protocol.check_hello(hello)
+        except BaseException:
+            writer.close()
+            raise
+        return cls(address, str(hello.get("node", "")), reader, writer, decoder)
+
+    def send(self, request: protocol.Request, timeout: float) -> asyncio.Future[dict[str, Any]]:
+        """Send ``request`` (its id is assigned here); the future gets the response map."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        # Callers may stop waiting (deadline); the failure must not be logged as unretrieved.
+        future.add_done_callback(_retrieve)
+        if self.closed:
+            future.set_exception(_ConnectionLost(f"connection to {self.address} is closed"))
+            return future
+        request_id = self._next_id
+        self._next_id += 1
+        timer = loop.call_later(timeout, self._no_answer, request_id, timeout)
+        self._pending[request_id] = (future, timer)
+        self._writer.write(protocol.encode_frame(replace(request, id=request_id).to_wire()))
+        return future
+
+    async def drain(self) -> None:
+        """Wait while the socket's send buffer is full (back-pressure for the sender)."""
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self._writer.drain()
+
+    def close(self, error: RaftchanError | None = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        failure = error or _ConnectionLost(f"connection to {self.address} was closed")
+        pending, self._pending = self._pending, {}
+        for future, timer in pending.values():
+            timer.cancel()
+            if not future.done():
+                future.set_exception(failure)
+        self._writer.close()
+        if self._read_task is not asyncio.current_task():
+            self._read_task.cancel()
+
+    async def wait_closed(self) -> None:
+        with contextlib.suppress(BaseException):
+            await self._read_task
+
+    def _no_answer(self, request_id: int, timeout: float) -> None:
+        if request_id in self._pending:
+            logger.info(
+                "no answer from %s within %.1fs; dropping the connection", self.address, timeout
+            )
+            self.close(_ConnectionLost(f"{self.address} did not answer within {timeout:.1f}s"))
+
+    async def _read_loop(self) -> None:
+        error: RaftchanError
+        try:
+            while True:
+                data = await self._reader.read(2**16)
+                if not data:
+                    error = _ConnectionLost(f"{self.address} closed the connection")
+                    break
+                self._decoder.feed(data)
+                for message in self._decoder.messages():
+                    self._dispatch(message)
+        except RaftchanError as exc:  # a bad frame, or the node's connection-level error
+            # Requests in flight may still have been applied: that is an unknown outcome
+            # (retried), not a refusal.
+            logger.warning("connection to %s broken: %s", self.address, exc)
+            error = _ConnectionLost(f"connection to {self.address} broken: {exc}")
+        except OSError as exc:
+            error = _ConnectionLost(f"connection to {self.address} failed: {exc}")
+        self.close(error)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        request_id = message.get("id")
+        entry = self._pending.pop(request_id, None) if isinstance(request_id, int) else None
+        if entry is None:
+            if request_id is None and not message.get("ok", False):
+                # A connection-level error (the node is about to close the connection).
+                raise protocol.response_error(message) or ProtocolError("bad error frame")
+            return  # the answer to a request we stopped waiting for
+        future, timer = entry
+        timer.cancel()
+        if not future.done():
+            future.set_result(message)
+
+
+async def _read_message(
+    reader: asyncio.StreamReader, decoder: protocol.FrameDecoder
+) -> dict[str, Any]:
+    while True:
+        for message in decoder.messages():
+            return message
+        data = await reader.read(2**16)
+        if not data:
+            raise _ConnectionLost("the node closed the connection during the handshake")
+        decoder.feed(data)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+# ---------------------------------------------------------------------------------------
+# Error classification
+
+
+class _DeadlinePassed(Exception):
+    """Internal: an operation's deadline passed while waiting for a connection."""
+
+
+def _is_retryable(error: BaseException) -> bool:
+    """Errors after which the same request may simply be sent again (to the leader)."""
+    if isinstance(error, CommitUnknown):
+        return not error.details.get("session_expired")
+    return isinstance(error, (NotLeader, NoLeader))
+
+
+def _outcome(future: asyncio.Future[dict[str, Any]]) -> dict[str, Any] | RaftchanError:
+    """The response map of a request answered ok, or the error it ended with."""
+    if future.cancelled():
+        return _ConnectionLost("the request was cancelled")
+    exc = future.exception()
+    if exc is not None:
+        return exc if isinstance(exc, RaftchanError) else _ConnectionLost(repr(exc))
+    message = future.result()
+    return protocol.response_error(message) or message
+
+
+def _parse(cls: type[_T], message: dict[str, Any]) -> _T:
+    try:
+        return cls.from_wire(message)  # type: ignore[attr-defined]
+    except (KeyError, TypeError) as exc:
+        raise ProtocolError(f"malformed {cls.__name__} response: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# The client
+
+
+class AsyncClient:
+    """A client of one raftchan cluster, for use on one asyncio event loop.
+
+    Args:
+        address: the cluster's client addresses as ``"host:port,host:port"`` or a list;
+            ``None`` reads ``$RAFTCHAN_ADDRESS`` (or the dask config key ``raftchan.address``).
+            Any subset of the nodes will do: the others' leader hints lead the way.
+        timeout: default overall deadline of each operation in seconds (``retry.timeout``,
+            30 s, if not given).
+        retry: backoff and attempt timeouts; see :class:`RetryPolicy`.
+        codec: turns items into bytes and back (a subclass may add types).
+        limits: the cluster's limits as this client assumes them (batch sizes, item size).
+        max_in_flight: append requests sent but not yet answered, at most.
+        poll_wait: seconds a node may hold one poll of an iteration before answering empty.
+
+    No I/O happens until the first operation. ``async with AsyncClient(...) as client``
+    closes the client on exit.
+    """
+
+    def __init__(
+        self,
+        address: str | Sequence[str] | None = None,
+        *,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        codec: ItemCodec | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        max_in_flight: int = 8,
+        poll_wait: float = 5.0,
+    ) -> None:
+        retry = retry or RetryPolicy()
+        self.retry = retry if timeout is None else replace(retry, timeout=timeout)
+        self.addresses = parse_addresses(
+            address if isinstance(address, (str, type(None))) else list(address)
+        )
+        self.codec = codec or ItemCodec(max_item_bytes=limits.max_item_bytes)
+        self.limits = limits
+        self.max_in_flight = max_in_flight
+        self.poll_wait = min(poll_wait, limits.max_poll_wait)
+        self._book = _AddressBook(self.addresses)
+        self._conn: _Connection | None = None
+        self._connect_task: asyncio.Task[None] | None = None
+        self._last_connect_error = "no attempt yet"
+        self._outbox = _Outbox()
+        self._flushers: list[tuple[int, asyncio.Future[None]]] = []
+        self._sender: asyncio.Task[None] | None = None
+        self._sender_wake = asyncio.Event()
+        self._sender_backoff = Backoff(self.retry)
+        self._resend_at = 0.0
+        self._in_flight = 0
+        #: Channels known to be stopped (a refusal, a stop, or a response saying so).
+        self._stopped: set[str] = set()
+        #: Highest state position seen in any response: polls ask for at least this.
+        self._position = 0
+        self._closed = False
+
+    # -- public API ------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def connect(self, timeout: float | None = None) -> str:
+        """Connect to some node now (otherwise the first operation does); return its name.
+
+        Raises :class:`NoLeader` if no node answered the handshake within ``timeout``.
+        """
+        self._check_open()
+        deadline = self._deadline(timeout)
+        try:
+            conn = await self._connection(deadline)
+        except _DeadlinePassed:
+            raise self._deadline_error("connect", None, uncertain=False) from None
+        return conn.node
+
+    async def channel(
+        self, name: str, maxlen: int | None = None, timeout: float | None = None
+    ) -> AsyncChannel:
+        """Open channel ``name``: create it if missing, and set its ``maxlen`` either way.
+
+        ``maxlen=None`` means unbounded; a number keeps only the newest ``maxlen`` items.
+        Raises :class:`~raftchan.errors.LimitExceeded` when the cluster holds its maximum
+        number of channels, :class:`~raftchan.errors.RequestInvalid` for a bad name or
+        maxlen, and :class:`NoLeader` / :class:`Timeout` as described in the module docs.
+        """
+        await self._info_call(protocol.Open(0, name, maxlen), self._deadline(timeout))
+        return AsyncChannel(self, name)
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until every append made before this call (on any channel) is answered.
+
+        Returns only once all of them are committed. If some were refused, raises the
+        first such error (:class:`~raftchan.errors.ChannelStopped`,
+        :class:`~raftchan.errors.LimitExceeded`, or :class:`CommitUnknown` if the cluster
+        forgot this client's session) once, after all were answered. Raises
+        :class:`Timeout` when ``timeout`` (seconds; default the client's) passes first:
+        the unanswered appends stay queued and keep being retried, and a later ``flush``
+        waits for them again.
+        """
+        self._check_open()
+        target = self._outbox.last_ticket
+        if self._outbox.done_through() < target:
+            self._ensure_sender()
+            deadline = self._deadline(timeout)
+            waiter = asyncio.get_running_loop().create_future()
+            self._flushers.append((target, waiter))
+            self._notify_flushers()
+            done, _ = await asyncio.wait({waiter}, timeout=self._remaining(deadline))
+            if not done:
+                self._flushers = [(t, f) for t, f in self._flushers if f is not waiter]
+                unanswered = target - self._outbox.done_through()
+                raise Timeout(
+                    f"flush: appends still unconfirmed after {self._timeout_of(timeout):.1f}s "
+                    "(they stay queued and keep being retried)",
+                    unanswered=unanswered,
+                )
+            waiter.result()  # raises Closed if the client was closed meanwhile
+        error = self._outbox.take_error(target)
+        if error is not None:
+            raise error
+
+    async def status(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Ask every known node for its status; no leader is needed.
+
+        Returns one dict per address, in order: the node's status fields plus
+        ``client_address``; a node that could not be asked gives
+        ``{"client_address": addr, "role": "unreachable", "error": str}``. ``timeout``
+        (default ``retry.attempt_timeout``) bounds each node's connect and answer.
+        """
+        self._check_open()
+        limit = self.retry.attempt_timeout if timeout is None else timeout
+        return list(await asyncio.gather(*(self._status_of(a, limit) for a in self.addresses)))
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Flush (best effort, up to ``timeout`` seconds), end the session, disconnect.
+
+        Appends that are still unanswered then are abandoned and a warning is logged;
+        call :meth:`flush` first to learn their fate. Afterwards every call raises
+        :class:`~raftchan.errors.Closed`. Closing twice is harmless.
+        """
+        if self._closed:
+            return
+        try:
+            await self.flush(timeout)
+        except RaftchanError as exc:
+            logger.warning("closing with appends that were refused or not confirmed: %s", exc)
+        if self._outbox.session_used:
+            with contextlib.suppress(RaftchanError):
+                request = protocol.EndSession(0, self._outbox.session)
+                await self._call(request, self._deadline(min(timeout, 1.0)))
+        await self._shut_down()
+
+    # -- channel operations (AsyncChannel delegates here) -----------------------------------
+
+    def _append(self, channel: str, items: Iterable[Any]) -> None:
+        datas = self._prepare(channel, items)
+        if datas:
+            self._enqueue(channel, datas)
+
+    def _prepare(self, channel: str, items: Iterable[Any]) -> list[bytes]:
+        """Check an append may go ahead and encode its items; safe from any thread."""
+        self._check_open()
+        if channel in self._stopped:
+            raise ChannelStopped(f"channel {channel!r} is stopped", channel=channel)
+        return [self.codec.encode(item) for item in items]
+
+    def _enqueue(self, channel: str, datas: list[bytes]) -> None:
+        """Queue encoded items (on the loop's thread) and wake the sender."""
+        self._check_open()
+        self._outbox.add(channel, datas)
+        self._ensure_sender()
+
+    async def _info(self, channel: str, timeout: float | None) -> ChannelInfo:
+        return await self._info_call(protocol.Info(0, channel), self._deadline(timeout))
+
+    async def _stop(self, channel: str, timeout: float | None) -> ChannelInfo:
+        deadline = self._deadline(timeout)
+        error = await self._flush_before(deadline)
+        info = await self._info_call(protocol.Stop(0, channel), deadline)
+        if error is not None:
+            raise error
+        return info
+
+    async def _delete(self, channel: str, timeout: float | None) -> None:
+        deadline = self._deadline(timeout)
+        error = await self._flush_before(deadline)
+        try:
+            await self._call(protocol.Delete(0, channel), deadline, ambiguous_ok=ChannelNotFound)
+        finally:
+            self._stopped.discard(channel)
+        if error is not None:
+            raise error
+
+    async def _read(
+        self, channel: str, start: int | None, end: int | None, timeout: float | None
+    ) -> list[bytes]:
+        """Items ``[start, end)`` as stored, over as many pages as needed (linearizable)."""
+        deadline = self._deadline(timeout)
+        while True:
+            items = await self._read_once(channel, start, end, deadline)
+            if items is not None:
+                return items
+            if self._remaining(deadline) <= 0:
+                raise Timeout(f"read of {channel!r} kept being overtaken by trimming")
+            logger.debug("read of %r overtaken by maxlen trimming; reading again", channel)
+
+    async def _batches(self, channel: str, start: int | None) -> AsyncGenerator[list[Any], None]:
+        """Decoded items from ``start`` (None: the head), one list per response; follows new items.
+
+        Ends once the channel is stopped and every item before the stop was yielded.
+        """
+        page = await self._read_page(channel, start, None, self._deadline(None))
+        next_index = page.first
+        while True:
+            if page.first != next_index:
+                raise ProtocolError(f"asked for index {next_index}, got items from {page.first}")
+            if page.items:
+                next_index += len(page.items)
+                yield [self.codec.decode(data) for data in page.items]
+            if page.stopped and next_index >= page.next:
+                return
+            poll = protocol.Poll(0, channel, next_index, self._position, self.poll_wait)
+            # The node may hold a poll for poll_wait on purpose: that is not lost time.
+            deadline = self._deadline(None) + self.poll_wait
+            page = _parse(ReadResult, await self._call(poll, deadline, wait=self.poll_wait))
+            self._observe(channel, page.stopped)
+
+    # -- requests with retries -----------------------------------------------------------
+
+    async def _info_call(self, request: protocol.Request, deadline: float) -> ChannelInfo:
+        response = await self._call(request, deadline)
+        info = _parse(ChannelInfo, response)
+        self._observe(info.channel, info.stopped)
+        return info
+
+    async def _read_page(
+        self, channel: str, start: int | None, end: int | None, deadline: float
+    ) -> ReadResult:
+        page = _parse(ReadResult, await self._call(protocol.Read(0, channel, start, end), deadline))
+        self._observe(channel, page.stopped)
+        return page
+
+    async def _read_once(
+        self, channel: str, start: int | None, end: int | None, deadline: float
+    ) -> list[bytes] | None:
+        """One paged read; ``None`` if trimming overtook it after the first page."""
+        page = await self._read_page(channel, start, end, deadline)
+        items = list(page.items)
+        stop = page.next if end is None else min(end, page.next)
+        cursor = page.first + len(items)
+        while cursor < stop:
+            # Later pages ask for the fixed range [cursor, stop): the result is the
+            # channel as it was at the first page, which is what makes the read linearizable.
+            try:
+                page = await self._read_page(channel, cursor, stop, deadline)
+            except (TrimmedGap, ChannelNotFound):
+                # Trimmed (or deleted and re-created) under our feet: start over.
+                return None
+            if not page.items:
+                return None
+            items.extend(page.items)
+            cursor += len(page.items)
+        return items
+
+    async def _call(
+        self,
+        request: protocol.Request,
+        deadline: float,
+        *,
+        wait: float = 0.0,
+        ambiguous_ok: type[RaftchanError] | None = None,
+    ) -> dict[str, Any]:
+        """Send a request that is safe to repeat, retrying until an answer or ``deadline``.
+
+        ``wait`` is how long the node may hold the request on purpose (a poll).
+        ``ambiguous_ok``: an error that, after an attempt with unknown outcome, means that
+        attempt succeeded (``channel_not_found`` for a delete).
+        """
+        backoff = Backoff(self.retry)
+        uncertain = False  # some attempt may have been executed
+        last: BaseException | None = None
+        redirected = False
+        while True:
+            self._check_open()
+            try:
+                conn = await self._connection(deadline)
+            except _DeadlinePassed:
+                raise self._deadline_error(request.TYPE, last, uncertain) from None
+            future = conn.send(request, self.retry.attempt_timeout + wait)
+            done, _ = await asyncio.wait({future}, timeout=self._remaining(deadline))
+            if not done:
+                raise self._deadline_error(request.TYPE, last, uncertain=True)
+            error = _outcome(future)
+            if not isinstance(error, RaftchanError):
+                self._note_position(error)
+                return error
+            if ambiguous_ok is not None and uncertain and isinstance(error, ambiguous_ok):
+                return {}
+            if isinstance(error, Closed) or not _is_retryable(error):
+                raise error
+            last = error
+            uncertain = uncertain or isinstance(error, CommitUnknown)
+            hint = error.leader if isinstance(error, NotLeader) else None
+            self._abandon(conn, hint)
+            if hint is not None and hint != conn.address and not redirected:
+                redirected = True  # follow a fresh hint at once; back off if it repeats
+                continue
+            delay = min(backoff.next_delay(), self._remaining(deadline))
+            logger.debug("%s: retrying in %.2fs after %s", request.TYPE, delay, error)
+            await asyncio.sleep(max(delay, 0.0))
+
+    # -- connection management -----------------------------------------------------------
+
+    async def _connection(self, deadline: float | None) -> _Connection:
+        """The current connection, connecting first if needed; waits at most until ``deadline``."""
+        while True:
+            self._check_open()
+            conn = self._conn
+            if conn is not None and not conn.closed:
+                return conn
+            task = self._connect_task
+            if task is None or task.done():
+                task = self._connect_task = asyncio.get_running_loop().create_task(self._connect())
+            remaining = None if deadline is None else self._remaining(deadline)
+            if remaining is not None and remaining <= 0:
+                raise _DeadlinePassed
+            done, _ = await asyncio.wait({task}, timeout=remaining)
+            if not done:
+                raise _DeadlinePassed
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]  # a bug in _connect: surface it
+
+    async def _connect(self) -> None:
+        """Dial nodes (hint first, then round-robin) with backoff until one handshakes."""
+        backoff = Backoff(self.retry)
+        while not self._closed:
+            address = self._book.next()
+            try:
+                conn = await _Connection.open(
+                    address, self.retry.attempt_timeout, self.limits.max_frame_bytes
+                )
+            except _DIAL_ERRORS as exc:
+                self._last_connect_error = f"{address}: {exc or type(exc).__name__}"
+                logger.debug("connecting failed: %s", self._last_connect_error)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            logger.debug("connected to %s (%s)", conn.node, address)
+            self._conn = conn
+            return
+
+    def _abandon(self, conn: _Connection, leader: str | None) -> None:
+        """Stop using ``conn`` (not the leader, or broken); dial ``leader`` next if known."""
+        if self._conn is conn:
+            self._book.hint(leader)
+            self._conn = None
+            conn.close()
+
+    # -- the sender ----------------------------------------------------------------------
+
+    def _ensure_sender(self) -> None:
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(self._run_sender())
+        self._sender_wake.set()
+
+    async def _run_sender(self) -> None:
+        """Send queued appends whenever there are some and a slot is free; never gives up."""
+        while not self._closed:
+            try:
+                await self._send_step()
+            except Closed:
+                return
+            except Exception:  # a bug of ours must not silently stop every append
+                logger.exception("the append sender failed; restarting it")
+                await asyncio.sleep(self._sender_backoff.next_delay())
+
+    async def _send_step(self) -> None:
+        delay = self._resend_at - asyncio.get_running_loop().time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        elif not self._outbox.has_unsent() or self._in_flight >= self.max_in_flight:
+            self._sender_wake.clear()
+            await self._sender_wake.wait()
+        else:
+            conn = await self._connection(None)
+            self._send_batches(conn)
+            await conn.drain()
+
+    def _send_batches(self, conn: _Connection) -> None:
+        max_bytes = self.limits.max_frame_bytes - _APPEND_OVERHEAD
+        while self._in_flight < self.max_in_flight:
+            batch = self._outbox.next_batch(self.limits.max_batch_items, max_bytes)
+            if batch is None:
+                return
+            request = protocol.Append(0, batch.channel, batch.session, batch.seq, batch.payload)
+            future = conn.send(request, self.retry.attempt_timeout)
+            self._in_flight += 1
+            future.add_done_callback(functools.partial(self._on_append_answer, batch, conn))
+
+    def _on_append_answer(
+        self, batch: _Batch, conn: _Connection, future: asyncio.Future[dict[str, Any]]
+    ) -> None:
+        if batch.epoch == self._outbox.epoch:
+            self._in_flight -= 1
+        error = _outcome(future)
+        if not isinstance(error, RaftchanError):
+            self._outbox.acknowledge(batch)
+            self._sender_backoff.reset()
+        elif isinstance(error, Closed):
+            return
+        elif isinstance(error, CommitUnknown) and error.details.get("session_expired"):
+            logger.warning("the cluster forgot this client's session: %s", error)
+            self._outbox.expire(batch, error)
+            self._restart_sending()
+        elif _is_retryable(error):
+            self._retry_appends(batch, conn, error)
+        else:
+            if isinstance(error, ChannelStopped):
+                self._stopped.add(batch.channel)
+            self._outbox.refuse(batch, error)
+        self._notify_flushers()
+        self._sender_wake.set()
+
+    def _retry_appends(self, batch: _Batch, conn: _Connection, error: RaftchanError) -> None:
+        expected = error.details.get("expected")
+        if isinstance(expected, int) and self._outbox.gap(batch, expected):
+            logger.info("the cluster skipped refused appends; continuing in a new session")
+            self._restart_sending()
+            return
+        if batch.epoch != self._outbox.epoch:
+            return  # an answer from before the last re-send: that re-send covers it
+        hint = error.leader if isinstance(error, NotLeader) else None
+        if expected is None:  # a sequence gap says nothing against this connection
+            self._abandon(conn, hint)
+        self._outbox.rewind()
+        self._in_flight = 0
+        delay = self._sender_backoff.next_delay()
+        if hint is not None and self._sender_backoff.attempt == 1:
+            delay = 0.0  # follow a fresh leader hint at once; back off if hints repeat
+        self._resend_at = asyncio.get_running_loop().time() + delay
+        logger.debug("re-sending %d appends after %s", self._outbox.pending, error)
+
+    def _restart_sending(self) -> None:
+        # A new session: requests of the old one no longer hold in-flight slots.
+        self._in_flight = 0
+
+    def _notify_flushers(self) -> None:
+        done = self._outbox.done_through()
+        waiting = []
+        for target, future in self._flushers:
+            if target <= done:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                waiting.append((target, future))
+        self._flushers = waiting
+
+    async def _flush_before(self, deadline: float) -> RaftchanError | None:
+        """Flush before a stop or delete; return (not raise) a refusal so the op still runs.
+
+        A timeout does raise: stopping while earlier appends are still on their way
+        would refuse them.
+        """
+        try:
+            await self.flush(self._remaining(deadline))
+        except (Timeout, Closed):
+            raise
+        except RaftchanError as exc:
+            return exc
+        return None
+
+    # -- helpers -------------------------------------------------------------------------
+
+    async def _status_of(self, address: str, timeout: float) -> dict[str, Any]:
+        try:
+            conn = await _Connection.open(address, timeout, self.limits.max_frame_bytes)
+        except _DIAL_ERRORS as exc:
+            return {
+                "client_address": address,
+                "role": "unreachable",
+                "error": str(exc) or repr(exc),
+            }
+        try:
+            future = conn.send(protocol.Status(0), timeout)
+            done, _ = await asyncio.wait({future}, timeout=timeout)
+            if not done or future.exception() is not None:
+                reason = "no answer" if not done else str(future.exception())
+                return {"client_address": address, "role": "unreachable", "error": reason}
+            message = future.result()
+        finally:
+            conn.close()
+            await conn.wait_closed()
+        error = protocol.response_error(message)
+        if error is not None:
+            return {"client_address": address, "role": "error", "error": str(error)}
+        fields = {k: v for k, v in message.items() if k not in ("id", "ok")}
+        return {"client_address": address, **fields}
+
+    def _observe(self, channel: str, stopped: bool) -> None:
+        if stopped:
+            self._stopped.add(channel)
+        else:
+            self._stopped.discard(channel)
+
+    def _note_position(self, message: dict[str, Any]) -> None:
+        position = message.get("position")
+        if isinstance(position, int) and position > self._position:
+            self._position = position
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Closed("this raftchan client is closed")
+
+    def _timeout_of(self, timeout: float | None) -> float:
+        return self.retry.timeout if timeout is None else timeout
+
+    def _deadline(self, timeout: float | None) -> float:
+        return asyncio.get_running_loop().time() + self._timeout_of(timeout)
+
+    @staticmethod
+    def _remaining(deadline: float) -> float:
+        return max(0.0, deadline - asyncio.get_running_loop().time())
+
+    def _deadline_error(
+        self, what: str, last: BaseException | None, uncertain: bool
+    ) -> RaftchanError:
+        """Timeout if some attempt may have taken effect, else NoLeader (nothing executed)."""
+        if uncertain:
+            detail = f" (last error: {last})" if last is not None else ""
+            return Timeout(f"{what}: no answer before the deadline{detail}")
+        cause = last if last is not None else self._last_connect_error
+        return NoLeader(f"{what}: no node could serve it before the deadline ({cause})")
+
+    async def _shut_down(self) -> None:
+        self._closed = True
+        tasks = [t for t in (self._sender, self._connect_task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close(Closed("this raftchan client is closed"))
+            await conn.wait_closed()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        for _, future in self._flushers:
+            if not future.done():
+                future.set_exception(Closed("this raftchan client is closed"))
+        self._flushers = []
+
+
+# ---------------------------------------------------------------------------------------
+# Channels
+
+
+class AsyncChannel:
+    """One channel of an :class:`AsyncClient`; get it with ``await client.channel(name)``.
+
+    Every ``timeout`` is in seconds and defaults to the client's; it bounds the whole
+    operation including retries (see :class:`RetryPolicy`).
+    """
+
+    def __init__(self, client: AsyncClient, name: str) -> None:
+        self._client = client
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<AsyncChannel {self.name!r}>"
+
+    def append(self, item: Any) -> None:
+        """Queue ``item`` for appending; returns at once. Errors of encoding raise here.
+
+        Raises :class:`~raftchan.errors.ItemNotEncodable` or
+        :class:`~raftchan.errors.LimitExceeded` for an item that cannot be sent,
+        :class:`~raftchan.errors.ChannelStopped` if the channel is already known to be
+        stopped, :class:`~raftchan.errors.Closed` after close. Other failures surface at
+        the next :meth:`flush`.
+        """
+        self._client._append(self.name, (item,))
+
+    def extend(self, items: Iterable[Any]) -> None:
+        """Queue several items in order; if any cannot be encoded, none is queued."""
+        self._client._append(self.name, items)
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait for every earlier append of this client; see :meth:`AsyncClient.flush`."""
+        await self._client.flush(timeout)
+
+    async def data(self, timeout: float | None = None) -> deque[Any]:
+        """A linearizable snapshot of the retained items, as a ``collections.deque``."""
+        return deque(await self.read(timeout=timeout))
+
+    async def len(self, timeout: float | None = None) -> int:
+        """The number of retained items (linearizable)."""
+        info = await self.info(timeout)
+        return info.next - info.first
+
+    async def info(self, timeout: float | None = None) -> ChannelInfo:
+        """Indexes, stop marker and maxlen of the channel (linearizable)."""
+        return await self._client._info(self.name, timeout)
+
+    async def read(
+        self, start: int | None = None, end: int | None = None, timeout: float | None = None
+    ) -> list[Any]:
+        """Items with indexes in ``[start, end)`` (``None``: the head / the current end).
+
+        Linearizable. Raises :class:`~raftchan.errors.TrimmedGap` if ``start`` is older
+        than the oldest retained item.
+        """
+        stored = await self._client._read(self.name, start, end, timeout)
+        return [self._client.codec.decode(data) for data in stored]
+
+    async def iterate(self, start: int | None = None) -> AsyncIterator[Any]:
+        """Items from ``start`` (default: the oldest retained), then new ones as they come.
+
+        The start is linearizable. Ends after the stop marker; never goes back or skips:
+        raises :class:`~raftchan.errors.TrimmedGap` if ``maxlen`` trimming overtook it.
+        Each wait for new items is retried within the client's timeout; a cluster out of
+        reach for longer ends the iteration with :class:`NoLeader` or :class:`Timeout`.
+        """
+        async for batch in self._client._batches(self.name, start):
+            for item in batch:
+                yield item
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self.iterate()
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Flush, then set the stop marker: every iteration ends, appends are refused.
+
+        Idempotent. If the flush found refused appends, the stop still happens and then
+        that error is raised; a flush :class:`Timeout` raises before stopping.
+        """
+        await self._client._stop(self.name, timeout)
+
+    async def delete(self, timeout: float | None = None) -> None:
+        """Flush, then delete the channel and its items (errors as for :meth:`stop`)."""
+        await self._client._delete(self.name, timeout)

@@ -1,0 +1,862 @@
+"""The client's retry, redirect and re-send logic.
+
+Two parts. First the pure pieces (backoff math, address rotation, how queued appends
+become requests and what each answer does to them). Then protocol-level tests of the
+client's retry logic: a small fake node below speaks the real wire protocol
+(``raftchan.protocol``) and answers from a real ``ChannelState``, and can be told to
+misbehave (redirect, drop the connection, stay silent, leave an outcome unknown). The
+fake node is not a cluster and these tests say nothing about one; the integration tests
+run real nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import pytest
+
+import raftchan
+from raftchan import protocol
+from raftchan.client import AsyncClient, Backoff, RetryPolicy, _AddressBook, _Outbox
+from raftchan.config import ADDRESS_ENV, ConfigError
+from raftchan.errors import (
+    ChannelStopped,
+    Closed,
+    CommitUnknown,
+    LimitExceeded,
+    NoLeader,
+    NotLeader,
+    RaftchanError,
+    Timeout,
+    TrimmedGap,
+    error_from_wire,
+)
+from raftchan.state import ChannelState, encode_command
+
+# ---------------------------------------------------------------------------------------
+# Retry policy and backoff
+
+
+def test_delays_grow_by_the_multiplier_up_to_the_cap() -> None:
+    policy = RetryPolicy(initial_delay=0.1, multiplier=2.0, max_delay=1.0, jitter=0.0)
+    assert [policy.delay(n) for n in range(6)] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
+
+
+def test_jitter_stays_within_its_fraction() -> None:
+    policy = RetryPolicy(initial_delay=1.0, multiplier=1.0, max_delay=1.0, jitter=0.25)
+    rng = random.Random(7)
+    delays = [policy.delay(3, rng) for _ in range(2000)]
+    assert min(delays) >= 0.75 and max(delays) <= 1.25
+    assert max(delays) - min(delays) > 0.4  # it does spread
+
+
+def test_a_long_outage_does_not_overflow() -> None:
+    policy = RetryPolicy(jitter=0.0)
+    assert policy.delay(10_000) == policy.max_delay
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"initial_delay": -1.0},
+        {"multiplier": 0.5},
+        {"jitter": 1.5},
+        {"timeout": 0.0},
+        {"attempt_timeout": -2.0},
+    ],
+)
+def test_policy_rejects_nonsense(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        RetryPolicy(**kwargs)
+
+
+def test_backoff_steps_and_resets() -> None:
+    backoff = Backoff(RetryPolicy(initial_delay=0.1, jitter=0.0, max_delay=10.0))
+    assert [backoff.next_delay() for _ in range(3)] == pytest.approx([0.1, 0.2, 0.4])
+    backoff.reset()
+    assert backoff.next_delay() == pytest.approx(0.1)
+
+
+def test_client_timeout_overrides_the_policy_deadline() -> None:
+    client = AsyncClient("127.0.0.1:1", timeout=3.0, retry=RetryPolicy(initial_delay=0.5))
+    assert client.retry.timeout == 3.0 and client.retry.initial_delay == 0.5
+    assert AsyncClient("127.0.0.1:1").retry.timeout == 30.0
+
+
+# ---------------------------------------------------------------------------------------
+# Addresses
+
+
+def test_addresses_from_string_list_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert AsyncClient("a:1, b:2,c:3").addresses == ["a:1", "b:2", "c:3"]
+    assert AsyncClient(["a:1", "b:2"]).addresses == ["a:1", "b:2"]
+    assert AsyncClient(("a:1",)).addresses == ["a:1"]
+    monkeypatch.setenv(ADDRESS_ENV, "e:1,f:2")
+    assert AsyncClient().addresses == ["e:1", "f:2"]
+    assert raftchan.Client().addresses == ["e:1", "f:2"]
+
+
+def test_malformed_address_is_refused() -> None:
+    with pytest.raises(ConfigError):
+        AsyncClient("no-port")
+
+
+def test_rotation_visits_every_address_from_a_random_start() -> None:
+    book = _AddressBook(["a", "b", "c"], random.Random(1))
+    first = [book.next() for _ in range(3)]
+    assert sorted(first) == ["a", "b", "c"]
+    assert [book.next() for _ in range(3)] == first
+
+
+def test_a_leader_hint_is_dialled_next_once() -> None:
+    book = _AddressBook(["a", "b", "c"], random.Random(1))
+    before = book.next()
+    book.hint("elsewhere:7")
+    assert book.next() == "elsewhere:7"
+    after = book.next()
+    assert after != before  # rotation continues where it was
+
+
+# ---------------------------------------------------------------------------------------
+# The outbox: batching, answers, re-sends
+
+
+def _sessions() -> Callable[[], bytes]:
+    counter = iter(range(1, 1000))
+    return lambda: bytes([next(counter)]) * protocol.SESSION_ID_BYTES
+
+
+def _outbox(*runs: tuple[str, int]) -> _Outbox:
+    outbox = _Outbox(_sessions())
+    for channel, count in runs:
+        outbox.add(channel, [f"{channel}{i}".encode() for i in range(count)])
+    return outbox
+
+
+def test_sequence_numbers_run_across_channels() -> None:
+    outbox = _outbox(("a", 2), ("b", 1), ("a", 1))
+    batches = [outbox.next_batch(100, 10_000) for _ in range(3)]
+    assert [(b.channel, b.seq, len(b.items)) for b in batches if b] == [
+        ("a", 1, 2),
+        ("b", 3, 1),
+        ("a", 4, 1),
+    ]
+    assert outbox.next_batch(100, 10_000) is None
+
+
+def test_batches_respect_item_and_byte_budgets() -> None:
+    outbox = _Outbox(_sessions())
+    outbox.add("c", [b"x" * 10] * 7)
+    assert [len(b.items) for b in iter(lambda: outbox.next_batch(3, 10_000), None)] == [3, 3, 1]
+    outbox = _Outbox(_sessions())
+    outbox.add("c", [b"x" * 10] * 7)
+    # each item costs 10 bytes + 5 of msgpack header; the channel name counts once
+    sizes = [len(b.items) for b in iter(lambda: outbox.next_batch(100, 1 + 15 * 3), None)]
+    assert sizes == [3, 3, 1]
+
+
+def test_an_item_bigger_than_the_byte_budget_still_goes_alone() -> None:
+    outbox = _Outbox(_sessions())
+    outbox.add("c", [b"x" * 100, b"y"])
+    batch = outbox.next_batch(100, 50)
+    assert batch is not None and batch.payload == [b"x" * 100]
+
+
+def test_flush_point_advances_only_over_contiguous_answers() -> None:
+    outbox = _outbox(("a", 1), ("b", 1), ("c", 1))
+    first, second, third = (outbox.next_batch(10, 1000) for _ in range(3))
+    assert first and second and third
+    outbox.acknowledge(second)
+    assert outbox.done_through() == 0
+    outbox.acknowledge(first)
+    assert outbox.done_through() == 2
+    outbox.refuse(third, ChannelStopped("stopped"))
+    assert outbox.done_through() == 3 and outbox.pending == 0
+
+
+def test_refusals_are_reported_once_first_one_first() -> None:
+    outbox = _outbox(("a", 1), ("b", 1), ("c", 1))
+    first, second, third = (outbox.next_batch(10, 1000) for _ in range(3))
+    assert first and second and third
+    outbox.refuse(second, LimitExceeded("second"))
+    outbox.refuse(first, ChannelStopped("first"))
+    outbox.refuse(first, ChannelStopped("a repeat answer records nothing"))
+    error = outbox.take_error(outbox.last_ticket)
+    assert isinstance(error, ChannelStopped) and str(error) == "first"
+    assert outbox.take_error(outbox.last_ticket) is None
+
+
+def test_take_error_leaves_later_errors_for_a_later_flush() -> None:
+    outbox = _outbox(("a", 1))
+    early = outbox.next_batch(10, 1000)
+    flush_point = outbox.last_ticket
+    outbox.add("b", [b"late"])
+    late = outbox.next_batch(10, 1000)
+    assert early and late
+    outbox.refuse(late, LimitExceeded("late"))
+    assert outbox.take_error(flush_point) is None
+    assert isinstance(outbox.take_error(outbox.last_ticket), LimitExceeded)
+
+
+def test_rewind_resends_everything_unanswered_in_order_with_original_seqs() -> None:
+    outbox = _outbox(("a", 3), ("b", 2))
+    sent = [outbox.next_batch(2, 1000) for _ in range(3)]
+    assert [(b.channel, b.seq, len(b.items)) for b in sent if b] == [
+        ("a", 1, 2),
+        ("a", 3, 1),
+        ("b", 4, 2),
+    ]
+    assert sent[1] is not None
+    outbox.acknowledge(sent[1])  # the middle one got through
+    outbox.rewind()
+    again = list(iter(lambda: outbox.next_batch(10, 1000), None))
+    assert [(b.channel, [i.seq for i in b.items]) for b in again] == [("a", [1, 2]), ("b", [4, 5])]
+    assert all(b.epoch == 1 and b.session == sent[0].session for b in again)  # type: ignore[union-attr]
+
+
+def test_answers_arriving_after_a_rewind_are_not_sent_again() -> None:
+    outbox = _outbox(("a", 2))
+    batch = outbox.next_batch(1, 1000)
+    assert batch is not None
+    outbox.rewind()
+    outbox.acknowledge(batch)  # the old attempt's answer comes in late
+    again = list(iter(lambda: outbox.next_batch(10, 1000), None))
+    assert [[i.seq for i in b.items] for b in again] == [[2]]
+
+
+def test_a_gap_for_a_queued_item_means_resend_not_new_session() -> None:
+    outbox = _outbox(("a", 2))
+    first, second = outbox.next_batch(1, 1000), outbox.next_batch(1, 1000)
+    assert first and second
+    assert outbox.gap(second, expected=1) is False
+    assert outbox.session == first.session
+
+
+def test_a_gap_for_an_unconsumed_refusal_moves_on_in_a_new_session() -> None:
+    outbox = _outbox(("a", 1), ("b", 1), ("c", 2))
+    refused, applied, waiting = (outbox.next_batch(10, 1000) for _ in range(3))
+    assert refused and applied and waiting
+    outbox.refuse(refused, LimitExceeded("refused before reaching the state"))
+    old_session = outbox.session
+    # The state says it still waits for seq 1, which this client will never send again.
+    assert outbox.gap(waiting, expected=1) is True
+    assert outbox.session != old_session
+    # Nothing below the expected seq was pending, so everything still queued is renumbered.
+    again = list(iter(lambda: outbox.next_batch(10, 1000), None))
+    assert [(b.channel, [i.seq for i in b.items]) for b in again] == [("b", [1]), ("c", [2, 3])]
+    assert all(b.session == outbox.session for b in again)
+    outbox.add("d", [b"next"])
+    nxt = outbox.next_batch(10, 1000)
+    assert nxt is not None and nxt.seq == 4
+
+
+def test_after_a_gap_items_below_the_expected_seq_count_as_stored() -> None:
+    outbox = _outbox(("a", 1), ("b", 1), ("c", 1))
+    stored, refused, waiting = (outbox.next_batch(10, 1000) for _ in range(3))
+    assert stored and refused and waiting
+    outbox.refuse(refused, LimitExceeded("refused"))
+    assert outbox.gap(waiting, expected=2) is True  # so seq 1 was applied
+    assert [i.channel for i in outbox._pending.values()] == ["c"]
+    assert outbox.done_through() == 2
+
+
+def test_answers_from_an_old_session_do_not_touch_renumbered_items() -> None:
+    outbox = _outbox(("a", 1), ("b", 1))
+    refused, old = outbox.next_batch(10, 1000), outbox.next_batch(10, 1000)
+    assert refused and old
+    outbox.refuse(refused, LimitExceeded("x"))
+    assert outbox.gap(old, expected=1)
+    outbox.refuse(old, ChannelStopped("late answer from the old session"))
+    assert outbox.gap(old, expected=1) is False
+    assert outbox.pending == 1 and outbox.take_error(outbox.last_ticket) is not None
+    assert outbox.take_error(outbox.last_ticket) is None
+
+
+def test_session_expiry_fails_what_was_sent_and_renumbers_the_rest() -> None:
+    outbox = _outbox(("a", 2))
+    sent = outbox.next_batch(1, 1000)
+    assert sent is not None
+    outbox.add("b", [b"never sent"])
+    old_session = outbox.session
+    expired = CommitUnknown("session unknown", session_expired=True)
+    outbox.expire(sent, expired)
+    assert outbox.session != old_session and outbox.session_used is False
+    again = list(iter(lambda: outbox.next_batch(10, 1000), None))
+    # a1 was not sent yet either, so it survives the expiry with b's item
+    assert [(b.channel, [i.seq for i in b.items]) for b in again] == [("a", [1]), ("b", [2])]
+    assert outbox.take_error(outbox.last_ticket) is expired
+
+
+def test_expiry_after_an_unconsumed_first_request_loses_nothing() -> None:
+    # seq 1 was refused by the node itself, so the state never created the session and
+    # answers "session unknown" to seq 2: nothing of the session can have been applied.
+    outbox = _outbox(("a", 1), ("b", 2))
+    first, second = outbox.next_batch(10, 1000), outbox.next_batch(10, 1000)
+    assert first and second
+    outbox.refuse(first, LimitExceeded("too big for this node"))
+    outbox.expire(second, CommitUnknown("session unknown", session_expired=True))
+    again = list(iter(lambda: outbox.next_batch(10, 1000), None))
+    assert [(b.channel, [i.seq for i in b.items]) for b in again] == [("b", [1, 2])]
+    assert isinstance(outbox.take_error(outbox.last_ticket), LimitExceeded)
+
+
+def test_expiry_after_a_state_refusal_of_the_first_request_is_a_real_expiry() -> None:
+    outbox = _outbox(("a", 1), ("b", 1))
+    first, second = outbox.next_batch(10, 1000), outbox.next_batch(10, 1000)
+    assert first and second
+    outbox.refuse(first, ChannelStopped("the state refused it: the session exists"))
+    outbox.expire(second, CommitUnknown("session unknown", session_expired=True))
+    assert outbox.pending == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Protocol-level tests of the client's retry logic, against a fake node
+
+
+_LEADER_ONLY = ("open", "append", "info", "read", "stop", "delete", "end_session")
+
+FAST = RetryPolicy(
+    initial_delay=0.005, max_delay=0.05, jitter=0.0, timeout=5.0, attempt_timeout=1.0
+)
+
+
+class FakeNode:
+    """Speaks the real protocol and answers from a ChannelState it may share with others.
+
+    ``append_faults`` are consumed one per append request:
+    ``"drop_before"`` closes the connection without applying, ``"drop_after"`` applies
+    then closes without answering, ``"unknown_after"`` applies then answers
+    ``commit_unknown``, ``"silent"`` neither applies nor answers, ``"refuse"`` answers
+    ``limit_exceeded`` at the request level (the state never sees it).
+    """
+
+    def __init__(self, name: str, state: ChannelState, *, leader: bool = True) -> None:
+        self.name = name
+        self.state = state
+        self.leader = leader
+        self.hint: str | None = None
+        self.no_leader_answers = 0
+        self.append_faults: list[str] = []
+        self.max_read_items = 10_000
+        self.before: Callable[[protocol.Request], None] | None = None
+        self.requests: list[protocol.Request] = []
+        self.connections = 0
+        self.address = ""
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> FakeNode:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.address = f"127.0.0.1:{port}"
+        return self
+
+    async def close(self) -> None:
+        self.drop_connections()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    def drop_connections(self) -> None:
+        for writer in list(self._writers):
+            writer.close()
+
+    def appends(self) -> list[protocol.Append]:
+        return [r for r in self.requests if isinstance(r, protocol.Append)]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.add(writer)
+        decoder = protocol.FrameDecoder()
+        greeted = False
+        try:
+            while data := await reader.read(2**16):
+                decoder.feed(data)
+                for message in decoder.messages():
+                    if not greeted:
+                        protocol.check_hello(message)
+                        writer.write(protocol.encode_frame(protocol.hello_response(self.name)))
+                        greeted = True
+                        continue
+                    request = protocol.parse_request(message)
+                    self.requests.append(request)
+                    if isinstance(request, protocol.Poll):
+                        asyncio.create_task(self._answer_poll(request, writer))
+                    else:
+                        self._answer(request, writer)
+        except ConnectionError:
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    def _answer(self, request: protocol.Request, writer: asyncio.StreamWriter) -> None:
+        if self.before is not None:
+            self.before(request)
+        fault = ""
+        if isinstance(request, protocol.Append) and self.append_faults:
+            fault = self.append_faults.pop(0)
+        if fault in ("drop_before", "silent"):
+            if fault == "drop_before":
+                writer.close()
+            return
+        try:
+            if fault == "refuse":
+                raise LimitExceeded("refused by the request's own checks", limit="test")
+            response = protocol.ok_response(request.id, **self._execute(request))
+        except RaftchanError as exc:
+            response = protocol.error_response(request.id, exc)
+        if fault == "drop_after":
+            writer.close()
+            return
+        if fault == "unknown_after":
+            response = protocol.error_response(request.id, CommitUnknown("leader changed"))
+        writer.write(protocol.encode_frame(response))
+
+    def _execute(self, request: protocol.Request) -> dict[str, Any]:
+        if isinstance(request, protocol.Status):
+            return {"name": self.name, "role": "leader" if self.leader else "follower"}
+        if request.TYPE in _LEADER_ONLY:
+            if self.no_leader_answers:
+                self.no_leader_answers -= 1
+                raise NoLeader("election in progress")
+            if not self.leader:
+                raise NotLeader(leader=self.hint)
+        if isinstance(request, protocol.Info):
+            return self._read(request.channel, None, None) | {"maxlen": None}
+        if isinstance(request, protocol.Read):
+            return self._read(request.channel, request.start, request.end)
+        op: list[Any]
+        if isinstance(request, protocol.Open):
+            op = ["open", request.channel, request.maxlen]
+        elif isinstance(request, protocol.Append):
+            op = ["append", request.channel, request.session, request.seq, request.items]
+        elif isinstance(request, protocol.Stop):
+            op = ["stop", request.channel]
+        elif isinstance(request, protocol.Delete):
+            op = ["delete", request.channel]
+        elif isinstance(request, protocol.EndSession):
+            op = ["end_session", request.session]
+        else:
+            raise AssertionError(request)
+        return self.apply(op)
+
+    def apply(self, op: list[Any]) -> dict[str, Any]:
+        (result,) = self.state.apply(encode_command([op], 10_000, 10_000))
+        if not result["ok"]:
+            raise error_from_wire(result["code"], result["message"], result["details"])
+        return {k: v for k, v in result.items() if k != "ok"}
+
+    def _read(self, channel: str, start: int | None, end: int | None) -> dict[str, Any]:
+        result = self.state.read(channel, start, end, self.max_read_items)
+        if not result["ok"]:
+            raise error_from_wire(result["code"], result["message"], result["details"])
+        return {k: v for k, v in result.items() if k != "ok"}
+
+    async def _answer_poll(self, request: protocol.Poll, writer: asyncio.StreamWriter) -> None:
+        deadline = time.monotonic() + request.wait
+        while True:
+            channel = self.state.channels.get(request.channel)
+            news = channel is None or channel.next > request.start or channel.stopped
+            if news or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.01)
+        try:
+            response = protocol.ok_response(
+                request.id, **self._read(request.channel, request.start, None)
+            )
+        except RaftchanError as exc:
+            response = protocol.error_response(request.id, exc)
+        if not writer.is_closing():
+            writer.write(protocol.encode_frame(response))
+
+
+_live_nodes: list[FakeNode] = []
+
+
+def run(scenario: Callable[[], Coroutine[Any, Any, None]], timeout: float = 30.0) -> None:
+    async def with_cleanup() -> None:
+        try:
+            await asyncio.wait_for(scenario(), timeout)
+        finally:
+            while _live_nodes:
+                await _live_nodes.pop().close()
+
+    asyncio.run(with_cleanup())
+
+
+async def _nodes(*leaders: bool) -> list[FakeNode]:
+    state = ChannelState()
+    nodes = [await FakeNode(f"n{i}", state, leader=lead).start() for i, lead in enumerate(leaders)]
+    _live_nodes.extend(nodes)
+    return nodes
+
+
+def _stored(node: FakeNode, channel: str) -> list[Any]:
+    return [raftchan.codec.decode_item(data) for data in node.state.channels[channel].items]
+
+
+def test_follows_the_leader_hint() -> None:
+    async def scenario() -> None:
+        follower, leader = await _nodes(False, True)
+        follower.hint = leader.address
+        async with AsyncClient(follower.address, retry=FAST) as client:
+            chan = await client.channel("c")
+            chan.append(1)
+            await chan.flush()
+            assert await chan.read() == [1]
+        assert [r.TYPE for r in follower.requests] == ["open"]
+        assert [r.TYPE for r in leader.requests][:3] == ["open", "append", "read"]
+
+    run(scenario)
+
+
+def test_appends_follow_a_leader_change() -> None:
+    async def scenario() -> None:
+        old, new = await _nodes(True, False)
+        async with AsyncClient(old.address, retry=FAST) as client:
+            chan = await client.channel("c")
+            chan.append("before")
+            await chan.flush()
+            old.leader, old.hint, new.leader = False, new.address, True
+            chan.extend(["after", "change"])
+            await chan.flush()
+            assert _stored(new, "c") == ["before", "after", "change"]
+            assert [a.seq for a in new.appends()] == [2]
+            assert [a.seq for a in old.appends()] == [1, 2]  # the refused try, same seq
+
+    run(scenario)
+
+
+def test_no_leader_is_retried_with_backoff() -> None:
+    async def scenario() -> None:
+        (node,) = await _nodes(True)
+        node.no_leader_answers = 3
+        async with AsyncClient(node.address, retry=FAST) as client:
+            chan = await client.channel("c")
+            chan.append(1)
+            await chan.flush()
+        assert _stored(node, "c") == [1]
+        assert node.connections >= 4  # a node without a leader is left for the next one
+
+    run(scenario)
+
+
+def test_no_leader_past_the_deadline_raises_no_leader_when_nothing_was_sent() -> None:
+    async def scenario() -> None:
+        async with AsyncClient("127.0.0.1:1", retry=FAST) as client:
+            with pytest.raises(NoLeader):
+                await client.channel("c", timeout=0.3)
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("fault", ["drop_before", "drop_after", "unknown_after"])
+def test_unknown_outcomes_are_resent_with_their_original_seqs(fault: str) -> None:
+    async def scenario() -> None:
+        (node,) = await _nodes(True)
+        async with AsyncClient(node.address, retry=FAST, max_in_flight=1) as client:
+            chan = await client.channel("c")
+            node.append_faults = [fault]
+            chan.extend(["a", "b"])
+            await chan.flush()
+            assert await chan.read() == ["a", "b"]  # exactly once
+        sends = [(a.seq, len(a.items)) for a in node.appends()]
+        assert sends == [(1, 2), (1, 2)]
+
+    run(scenario)
+
+
+def test_resend_covers_every_unanswered_item_in_sequence_order() -> None:
+    async def scenario() -> None:
+        (node,) = await _nodes(True)
+        async with AsyncClient(node.address, retry=FAST, max_in_flight=8) as client:
+            left, right = await client.channel("l"), await client.channel("r")
+            await client.flush()
+            node.append_faults = ["ok", "drop_after"]
+            for i in range(5):
+                left.append(f"l{i}")
+                right.append(f"r{i}")
+            await client.flush()
+            assert await left.read() == [f"l{i}" for i in range(5)]
+            assert await right.read() == [f"r{i}" for i in range(5)]
+        seqs = [a.seq for a in node.appends()]
+        # Each attempt sends in increasing order; the re-send restarts at the lowest
+        # unanswered seq (2: seq 1 was answered), never skipping one.
+        restart = next(i for i in range(1, len(seqs)) if seqs[i] <= seqs[i - 1])
+        assert seqs[:restart] == sorted(seqs[:restart]) and seqs[restart] == 2
+        assert seqs[restart:] == list(range(2, 11))
+
+    run(scenario)
+
+
+def test_a_silent_node_makes_flush_time_out_and_the_items_stay_queued() -> None:
+    async def scenario() -> None:
+        (node,) = await _nodes(True)
+        async with AsyncClient(node.address, retry=FAST) as client:
+            chan = await client.channel("c")
+            node.append_faults = ["silent"]
+            chan.append("x")
+            with pytest.raises(Timeout):
+                await chan.flush(timeout=0.2)
+            # The attempt timeout drops the silent connection and the item is re-sent.
+            await chan.flush(timeout=5.0)
+            assert await chan.read() == ["x"]
+
+    run(scenario)
+
+
+def test_a_refused_append_raises_at_the_next_flush_only() -> None:
+    async def scenario() -> None:
+        (node,) = await _nodes(True)
+        async with AsyncClient(node.address, retry=FAST) as client:
+            chan, other = await client.channel("c"), await client.channel("o")
+            node.apply(["stop", "c"])  # stopped by someone else; this client does not know
+            chan.append("refused")
+            other.append("fine")
+            with pytest.raises(ChannelStopped):
+                await client.flush()
+            await client.flush()  # reported once
+            with pytest.raises(ChannelStopped):
+                chan.append("now known at once")
+            other.append("still fine")
+            await other.flush()
+            assert await other.read() == ["fine", "still fine"]
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("stored_before", [0, 2])
+def test_an_unconsumed_refusal_does_not_wedge_later_appends(stored_before: int) -> None:
+    # A request refused by the node itself leaves its seqs unconsumed in the state: the
+    # next append then meets "sequence gap" (or "session unknown" if it was the session's
+    # first request). The client moves on in a new session, losing and repeating nothing.
+    async def scenario() -> None:
+        (node,) = await _nodes(True)
+        async with AsyncClient(node.address, retry=FAST, max_in_flight=1) as client:
+            chan = await client.channel("c")
+            chan.extend(range(stored_before))
+            await chan.flush()
+            node.append_faults = ["refuse"]
+            chan.append("refused")
+            with pytest.raises(LimitExceeded):
+                await chan.flush()
+            chan.append("next")
+            await chan.flush()
+            assert await chan.read() == [*range(stored_before), "next"]
+        sessions = {a.session for a in node.appends()}
+        assert len(sessions) == 2
+
+    run(scenario)
+
+
+def test_an_expired_session_fails_its_unknown_appends_then_goes_on() -> None:
+    async def scenario() -> None:
+        (node,) = await _nodes(True)
+        async with AsyncClient(node.address, retry=FAST) as client:
+            chan = await client.channel("c")
+            chan.append("kept")
+            await chan.flush()
+            node.state.sessions.clear()  # as if the cluster forgot the session (LRU)
+            chan.append("unknown")
+            with pytest.raises(CommitUnknown) as info:
+                await chan.flush()
+            assert info.value.details.get("session_expired")
+            chan.append("new session")
+            await chan.flush()
+            assert await chan.read() == ["kept", "new session"]
+
+    run(scenario)
+
+
+def test_reads_page_and_restart_when_trimming_overtakes_them() -> None:
+    async def scenario() -> None:
+        (node,) = await _nodes(True)
+        node.max_read_items = 2
+        async with AsyncClient(node.address, retry=FAST) as client:
+            chan = await client.channel("c")
+            chan.extend(range(7))
+            await chan.flush()
+            assert list(await chan.data()) == list(range(7))
+            assert await chan.read(start=2, end=6) == [2, 3, 4, 5]
+            assert await chan.len() == 7
+
+            reads = 0
+
+            def trim_during_second_read(request: protocol.Request) -> None:
+                nonlocal reads
+                if isinstance(request, protocol.Read):
+                    reads += 1
+                    if reads == 2:
+                        node.apply(["open", "c", 3])
+
+            node.before = trim_during_second_read
+            assert await chan.read() == [4, 5, 6]
+
+    run(scenario)
+
+
+def test_iteration_resumes_after_a_reconnect_without_repeats_or_gaps() -> None:
+    async def scenario() -> None:
+        (node,) = await _nodes(True)
+        async with AsyncClient(node.address, retry=FAST, poll_wait=0.2) as client:
+            chan = await client.channel("c")
+            chan.extend(range(3))
+            await chan.flush()
+            seen: list[Any] = []
+            async for item in chan:
+                seen.append(item)
+                if item == 2:
+                    node.drop_connections()
+                    node.apply(["append", "c", b"w" * 16, 1, [raftchan.codec.encode_item(3)]])
+                if item == 3:
+                    node.apply(["stop", "c"])
+            assert seen == [0, 1, 2, 3]
+            assert node.connections >= 2
+
+    run(scenario)
+
+
+def test_iteration_raises_trimmed_gap_rather_than_skip() -> None:
+    async def scenario() -> None:
+        (node,) = await _nodes(True)
+        async with AsyncClient(node.address, retry=FAST, poll_wait=0.2) as client:
+            chan = await client.channel("c", maxlen=2)
+            chan.extend(range(5))
+            await chan.flush()
+            with pytest.raises(TrimmedGap):
+                async for _ in chan.iterate(start=0):
+                    pass
+
+    run(scenario)
+
+
+def test_status_asks_every_node_and_reports_the_unreachable() -> None:
+    async def scenario() -> None:
+        leader, follower = await _nodes(True, False)
+        await follower.close()
+        async with AsyncClient([leader.address, follower.address], retry=FAST) as client:
+            statuses = await client.status(timeout=1.0)
+        assert statuses[0] == {"client_address": leader.address, "name": "n0", "role": "leader"}
+        assert statuses[1]["client_address"] == follower.address
+        assert statuses[1]["role"] == "unreachable" and statuses[1]["error"]
+
+    run(scenario)
+
+
+def test_close_ends_the_session_and_later_calls_raise_closed() -> None:
+    async def scenario() -> None:
+        (node,) = await _nodes(True)
+        client = AsyncClient(node.address, retry=FAST)
+        chan = await client.channel("c")
+        chan.append(1)
+        await client.close()
+        assert _stored(node, "c") == [1]  # close flushed
+        assert node.requests[-1].TYPE == "end_session"
+        with pytest.raises(Closed):
+            chan.append(2)
+        with pytest.raises(Closed):
+            await chan.flush()
+        with pytest.raises(Closed):
+            await client.channel("d")
+        await client.close()  # twice is fine
+
+    run(scenario)
+
+
+# ---------------------------------------------------------------------------------------
+# The blocking facade, against the same fake node on a loop in another thread
+
+
+class _FakeNodeThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        (self.node,) = self.call(lambda: _nodes(True))
+
+    def call(self, make: Callable[[], Awaitable[Any]]) -> Any:
+        async def wrapped() -> Any:
+            return await make()
+
+        return asyncio.run_coroutine_threadsafe(wrapped(), self.loop).result(10)
+
+    def close(self) -> None:
+        _live_nodes.remove(self.node)
+        self.call(self.node.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture(name="fake")
+def fake_fixture() -> Any:
+    fake = _FakeNodeThread()
+    yield fake
+    fake.close()
+
+
+def test_sync_client_end_to_end_against_the_fake_node(fake: _FakeNodeThread) -> None:
+    with raftchan.Client(fake.node.address, retry=FAST, poll_wait=0.3) as client:
+        chan = client.channel("jobs", maxlen=None)
+        chan.append({"x": 123})
+        chan.extend([1, "two", [3]])
+        with pytest.raises(raftchan.ItemNotEncodable):
+            chan.append({1, 2})  # raises in the caller's thread
+        chan.flush(timeout=10)
+        assert list(chan.data) == [{"x": 123}, 1, "two", [3]]
+        assert len(chan) == 4
+
+        seen: list[Any] = []
+        reader = threading.Thread(target=lambda: seen.extend(chan))
+        reader.start()
+        time.sleep(0.5)  # the reader is now blocked in a poll
+        chan.append("last")
+        chan.stop()
+        reader.join(timeout=3)
+        assert not reader.is_alive()
+        assert seen == [{"x": 123}, 1, "two", [3], "last"]
+        with pytest.raises(ChannelStopped):
+            chan.append("too late")
+        assert client.status()[0]["role"] == "leader"
+    with pytest.raises(Closed):
+        chan.append(1)
+    with pytest.raises(Closed):
+        len(chan)
+
+
+def test_sync_appends_from_many_threads_all_arrive_once(fake: _FakeNodeThread) -> None:
+    with raftchan.Client(fake.node.address, retry=FAST) as client:
+        chan = client.channel("c")
+
+        def producer(n: int) -> None:
+            for i in range(200):
+                chan.append([n, i])
+
+        threads = [threading.Thread(target=producer, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        client.flush()
+        items = chan.read()
+        assert sorted(map(tuple, items)) == [(n, i) for n in range(4) for i in range(200)]
+        for n in range(4):  # each producer's own order is kept
+            assert [i for m, i in items if m == n] == list(range(200))
+
+
+def test_sync_iteration_can_be_abandoned_and_client_closed(fake: _FakeNodeThread) -> None:
+    client = raftchan.Client(fake.node.address, retry=FAST, poll_wait=0.2)
+    chan = client.channel("c")
+    chan.extend(range(10))
+    iterator = chan.iterate()
+    assert [next(iterator) for _ in range(3)] == [0, 1, 2]
+    iterator.close()
+    client.close()
+    assert client.closed
