@@ -1,0 +1,582 @@
+"""The ``raftchan`` command: argument parsing only; the work is done by the modules it calls.
+
+``raftchan node`` runs one node, ``raftchan up`` a local cluster in the foreground, and
+``status``, ``append`` and ``tail`` are operator tools that reach a cluster through
+``--address`` or ``$RAFTCHAN_ADDRESS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from raftchan.config import ConfigError, NodeConfig, RaftTuning, is_loopback, parse_addresses
+from raftchan.errors import RaftchanError
+from raftchan.limits import DEFAULT_LIMITS
+
+if TYPE_CHECKING:
+    from cluster.harness import LocalCluster
+    from raftchan.sync import Client
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: The ``raftchan node`` flag that sets each :class:`~raftchan.config.RaftTuning` field.
+RAFT_TUNING_FLAGS: dict[str, str] = {
+    "min_timeout": "--raft-min-timeout",
+    "max_timeout": "--raft-max-timeout",
+    "append_entries_period": "--append-entries-period",
+    "leader_fallback_timeout": "--leader-fallback-timeout",
+    "connection_retry": "--connection-retry",
+    "compaction_min_entries": "--compaction-min-entries",
+    "compaction_min_time": "--compaction-min-time",
+}
+
+_TUNING_HELP = {
+    "min_timeout": "Shortest randomised election timeout, seconds.",
+    "max_timeout": "Longest randomised election timeout, seconds.",
+    "append_entries_period": "Leader heartbeat period, seconds.",
+    "leader_fallback_timeout": "How long a leader cut off from the majority still believes "
+    "it leads, seconds.",
+    "connection_retry": "How soon a lost peer connection is dialled again, seconds.",
+    "compaction_min_entries": "Raft log entries that trigger a snapshot.",
+    "compaction_min_time": "Shortest time between snapshots, seconds.",
+}
+
+#: The ``raftchan node`` flags that set :class:`~raftchan.limits.Limits` fields.
+LIMIT_FLAGS: dict[str, str] = {
+    "max_item_bytes": "--max-item-bytes",
+    "max_frame_bytes": "--max-frame-bytes",
+    "max_channels": "--max-channels",
+    "max_sessions": "--max-sessions",
+}
+
+_LIMIT_HELP = {
+    "max_item_bytes": "Largest item, as its msgpack encoding, bytes.",
+    "max_frame_bytes": "Largest wire frame, bytes.",
+    "max_channels": "Most channels in the cluster at once.",
+    "max_sessions": "Most client sessions remembered for de-duplication.",
+}
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+#: How long ``raftchan up`` gives its nodes to stop after SIGTERM before SIGKILL.
+_UP_STOP_TIMEOUT = 15.0
+
+
+class _ConfigProblem(click.ClickException):
+    """A configuration the node refuses: printed as one ``Error:`` line, exit status 2."""
+
+    exit_code = 2
+
+
+def _param_name(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+# -----------------------------------------------------------------------------------------
+# The group
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="raftchan")
+def cli() -> None:
+    """raftchan: named, totally ordered channels kept by a Raft group of nodes."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``raftchan`` console script and of ``python -m raftchan``."""
+    cli.main(args=argv, prog_name="raftchan")
+
+
+# -----------------------------------------------------------------------------------------
+# raftchan node
+
+
+def _load_config_file(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    """Make the TOML file's keys the defaults of the other options, so flags win."""
+    if value is None:
+        return
+    values = read_node_toml(value)
+    known = {p.name for p in ctx.command.params if p.name != param.name}
+    for name in values:
+        if name not in known:
+            flag = "--" + name.replace("_", "-")
+            raise click.BadParameter(f"{value}: {flag} is not a node option", param_hint="--config")
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+
+
+def read_node_toml(path: Path) -> dict[str, Any]:
+    """Read a node's TOML config as ``node`` option values, keyed by parameter name.
+
+    Keys are the ``raftchan node`` flags without their dashes (``client-address`` or
+    ``client_address``). ``peers`` may be a list. Relative ``data-dir`` and
+    ``cluster-secret-file`` paths are taken relative to the file's folder. Raises
+    click.BadParameter for a file that cannot be read or parsed.
+    """
+    try:
+        table = _parse_toml(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--config") from None
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        name = _param_name(key)
+        if name == "peers" and isinstance(value, list):
+            value = ",".join(str(item) for item in value)
+        if name in ("data_dir", "cluster_secret_file") and isinstance(value, str):
+            value = str(path.parent / value)  # joining keeps an absolute value as it is
+        values[name] = value
+    return values
+
+
+def _parse_toml(text: str) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+
+        return tomllib.loads(text)
+    try:  # Python 3.10 has no tomllib; the backport reads the same files
+        import tomli
+    except ImportError:
+        raise click.UsageError("--config needs Python 3.11 or the 'tomli' package") from None
+    return dict(tomli.loads(text))
+
+
+def _tuning_options(func: F) -> F:
+    defaults = RaftTuning()
+    for field_name, flag in reversed(RAFT_TUNING_FLAGS.items()):
+        default = getattr(defaults, field_name)
+        kind: click.ParamType = (
+            click.IntRange(min=1)
+            if isinstance(default, int)
+            else click.FloatRange(min=0, min_open=True)
+        )
+        option = click.option(
+            flag, type=kind, default=default, show_default=True, help=_TUNING_HELP[field_name]
+        )
+        func = option(func)
+    return func
+
+
+def _limit_options(func: F) -> F:
+    for field_name, flag in reversed(LIMIT_FLAGS.items()):
+        option = click.option(
+            flag,
+            type=click.IntRange(min=1),
+            default=getattr(DEFAULT_LIMITS, field_name),
+            show_default=True,
+            help=_LIMIT_HELP[field_name],
+        )
+        func = option(func)
+    return func
+
+
+@cli.command()
+@click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    is_eager=True,
+    expose_value=False,
+    callback=_load_config_file,
+    help="TOML file whose keys mirror these flags (client-address = ...); flags win.",
+)
+@click.option("--name", required=True, help="Node name, for logs and `raftchan status`.")
+@click.option("--client-address", required=True, metavar="HOST:PORT", help="Client listener.")
+@click.option("--peer-address", required=True, metavar="HOST:PORT", help="This node's Raft port.")
+@click.option(
+    "--peers", required=True, metavar="HOST:PORT,...", help="The OTHER nodes' Raft addresses."
+)
+@click.option(
+    "--data-dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Journal, snapshot and meta files.",
+)
+@click.option(
+    "--cluster-secret-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="File holding the shared secret that encrypts Raft traffic "
+    "(required for any non-loopback peer address).",
+)
+@click.option(
+    "--dask-scheduler", metavar="tcp://HOST:PORT", help="Scheduler whose futures to keep."
+)
+@click.option(
+    "--fsync",
+    type=click.Choice(["always", "never"]),
+    default="always",
+    show_default=True,
+    help="'always': fsync the journal before acknowledging; 'never': survive process kills only.",
+)
+@_tuning_options
+@_limit_options
+@click.option(
+    "--log-level",
+    type=click.Choice(_LOG_LEVELS, case_sensitive=False),
+    default="INFO",
+    show_default=True,
+)
+@click.option("--record-synced", is_flag=True, hidden=True)
+def node(**options: Any) -> None:
+    """Run one node in the foreground until SIGTERM or Ctrl-C."""
+    try:
+        config = _node_config(options)
+        # run_node validates too; doing it here first gives a one-line error without
+        # importing the server and its dependencies.
+        config.validate()
+    except ConfigError as exc:
+        raise _ConfigProblem(str(exc)) from None
+    logging.basicConfig(
+        level=options["log_level"].upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from raftchan.server import run_node
+
+    try:
+        run_node(config)
+    except ConfigError as exc:
+        raise _ConfigProblem(str(exc)) from None
+
+
+def _node_config(options: Mapping[str, Any]) -> NodeConfig:
+    """Build the NodeConfig the ``node`` options describe; ConfigError if they cannot."""
+    tuning = RaftTuning(
+        **{field: options[_param_name(flag)] for field, flag in RAFT_TUNING_FLAGS.items()}
+    )
+    limits = dataclasses.replace(
+        DEFAULT_LIMITS, **{field: options[_param_name(flag)] for field, flag in LIMIT_FLAGS.items()}
+    )
+    peers = tuple(item.strip() for item in options["peers"].split(",") if item.strip())
+    return NodeConfig(
+        name=options["name"],
+        client_address=options["client_address"],
+        peer_address=options["peer_address"],
+        peers=peers,
+        data_dir=options["data_dir"],
+        cluster_secret=_read_secret(options["cluster_secret_file"]),
+        fsync=options["fsync"],
+        dask_scheduler=options["dask_scheduler"],
+        limits=limits,
+        raft=tuning,
+        record_synced=options["record_synced"],
+    )
+
+
+def _read_secret(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        secret = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the cluster secret file {path}: {exc}") from None
+    if not secret:
+        raise ConfigError(f"the cluster secret file {path} is empty")
+    return secret
+
+
+# -----------------------------------------------------------------------------------------
+# raftchan up
+
+
+@cli.command()
+@click.option(
+    "--nodes",
+    default=3,
+    show_default=True,
+    type=click.IntRange(3, 99),
+    help="Number of nodes (below 100: Raft ports sit 100 above the client ports).",
+)
+@click.option(
+    "--base-port",
+    default=7101,
+    show_default=True,
+    type=click.IntRange(1, 65_000),
+    help="Client ports are BASE, BASE+1, ...; Raft ports BASE+100, BASE+101, ...",
+)
+@click.option(
+    "--data-dir",
+    default="./raftchan-data",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="One folder and one log file per node; kept between runs.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="A loopback address.")
+@click.option("--demo/--no-demo", default=True, show_default=True, help="Run the short demo.")
+@click.option("--exit-after-demo", is_flag=True, help="Stop the cluster once the demo is done.")
+@click.option(
+    "--ready-timeout",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds to wait for the nodes to start and elect a leader.",
+)
+def up(
+    nodes: int,
+    base_port: int,
+    data_dir: Path,
+    host: str,
+    demo: bool,
+    exit_after_demo: bool,
+    ready_timeout: float,
+) -> None:
+    """Run a local cluster on loopback in the foreground; Ctrl-C stops it.
+
+    Prints one line RAFTCHAN_ADDRESS=... once a leader is elected.
+    """
+    if not is_loopback(host):
+        raise click.BadParameter(
+            "up runs a local cluster; for other addresses run `raftchan node` on each machine "
+            "with --cluster-secret-file",
+            param_hint="--host",
+        )
+    from cluster.harness import LocalCluster
+
+    # Default Raft timing: this is the cluster people try first, not a test cluster.
+    local = LocalCluster(nodes, data_dir, host=host, base_port=base_port, tuning=None)
+    # SIGTERM stops `up` the way Ctrl-C does. The nodes run in process groups of their
+    # own, so a terminal's Ctrl-C reaches only this process, which then stops them.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        _run_local_cluster(local, ready_timeout, demo=demo, exit_after_demo=exit_after_demo)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        with _signals_ignored():  # a second Ctrl-C must not cut the (bounded) stop short
+            _note("stopping the cluster")
+            local.stop(_UP_STOP_TIMEOUT)
+            local.close()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_local_cluster(
+    local: LocalCluster, ready_timeout: float, *, demo: bool, exit_after_demo: bool
+) -> None:
+    from cluster.harness import ClusterNotReady, NodeExited, PortInUse
+
+    try:
+        local.start()
+    except PortInUse as exc:
+        raise click.ClickException(f"{exc} (another cluster? try another --base-port)") from None
+    try:
+        leader = local.wait_ready(ready_timeout)
+    except (ClusterNotReady, NodeExited) as exc:
+        click.echo(f"Error: the cluster did not come up: {exc}", err=True)
+        local.dump_logs(file=sys.stderr)
+        sys.exit(1)
+    click.echo(f"RAFTCHAN_ADDRESS={local.addresses}")
+    sys.stdout.flush()
+    _note(f"{local.size} nodes up, leader {local.names[leader]}; data and logs in {local.base_dir}")
+    if demo:
+        try:
+            _run_demo(local, leader)
+        except RaftchanError as exc:
+            click.echo(f"Error: the demo failed: {type(exc).__name__}: {exc}", err=True)
+            local.dump_logs(file=sys.stderr)
+            sys.exit(1)
+    if not exit_after_demo:
+        _note("press Ctrl-C to stop the cluster")
+        _watch(local)
+
+
+@contextmanager
+def _signals_ignored() -> Iterator[None]:
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _note(message: str) -> None:
+    """Progress for people goes to stderr; stdout holds the address line and the demo."""
+    click.echo(f"raftchan up: {message}", err=True)
+
+
+def _run_demo(local: LocalCluster, leader: int) -> None:
+    import raftchan
+
+    values: list[Any] = ["hello", {"x": 123}, [1, 2, 3]]
+    with raftchan.Client(local.addresses) as client:
+        chan = client.channel("demo")
+        for value in values:
+            chan.append(value)
+        chan.flush()
+        click.echo(f"demo: appended {values!r} to channel 'demo'; flush() returned")
+        snapshot = list(chan.data)
+        click.echo(f"demo: list(chan.data) = {snapshot!r}")
+    follower = next(i for i in range(local.size) if i != leader)
+    address = local.client_addresses[follower]
+    # A client that knows only a follower: reads that follow the channel may be served
+    # by any node, so this one can be answered by the follower itself.
+    with raftchan.Client(address) as client:
+        chan = client.channel("demo")
+        click.echo(
+            f"demo: a client given only follower {local.names[follower]} ({address}) iterates:"
+        )
+        for item in islice(chan, len(snapshot)):
+            click.echo(f"  {item!r}")
+    sys.stdout.flush()
+
+
+def _watch(local: LocalCluster) -> None:
+    """Wait for Ctrl-C or SIGTERM (KeyboardInterrupt), saying once if a node exits by
+    itself; exit with status 1 once no node is left."""
+    exited: set[int] = set()
+    while len(exited) < local.size:
+        for i in range(local.size):
+            if i not in exited and not local.is_running(i):
+                exited.add(i)
+                _note(f"node {local.names[i]} exited; see {local.nodes[i].spec.log_path}")
+        time.sleep(1.0)
+    raise click.ClickException("every node has exited")
+
+
+# -----------------------------------------------------------------------------------------
+# Operator tools
+
+
+def _address_option(func: F) -> F:
+    option = click.option(
+        "--address",
+        metavar="HOST:PORT,...",
+        help="Client addresses of the cluster's nodes [default: $RAFTCHAN_ADDRESS].",
+    )
+    return option(func)
+
+
+def _addresses(address: str | None) -> list[str]:
+    try:
+        return parse_addresses(address)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@contextmanager
+def _connected(address: str | None) -> Iterator[Client]:
+    """A raftchan.Client for ``--address``; a RaftchanError becomes a one-line error, exit 1."""
+    addresses = _addresses(address)
+    import raftchan
+
+    try:
+        with raftchan.Client(addresses) as client:
+            yield client
+    except RaftchanError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+
+
+_STATUS_COLUMNS = (
+    ("NAME", "name"),
+    ("CLIENT ADDRESS", "client_address"),
+    ("ROLE", "role"),
+    ("TERM", "term"),
+    ("COMMIT", "commit_index"),
+    ("APPLIED", "applied_index"),
+    ("LEADER", "leader"),
+)
+
+
+@cli.command()
+@_address_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(address: str | None, as_json: bool) -> None:
+    """Show each node's role, term, commit and applied index, and the leader.
+
+    Exits with status 1 when no node is reachable.
+    """
+    addresses = _addresses(address)
+    with _connected(address) as client:
+        nodes = [dict(entry) for entry in client.status()]
+    for entry, requested in zip(nodes, addresses, strict=False):
+        entry.setdefault("client_address", requested)
+    leader = leader_of(nodes)
+    if as_json:
+        click.echo(json.dumps({"leader": leader, "nodes": nodes}, indent=2, default=str))
+    else:
+        click.echo(format_table(nodes))
+        click.echo(f"leader: {leader or 'none known'}")
+    if all(entry.get("role") == "unreachable" for entry in nodes):
+        sys.exit(1)
+
+
+def leader_of(nodes: Sequence[Mapping[str, Any]]) -> str | None:
+    """The leader's client address: the node claiming leadership in the highest term,
+    else the leader most reachable nodes name (the leader may not be among the nodes
+    asked), else None."""
+    claims = [entry for entry in nodes if entry.get("role") == "leader"]
+    if claims:
+        address = max(claims, key=lambda entry: entry.get("term") or 0).get("client_address")
+        return address if isinstance(address, str) else None
+    named = Counter(entry["leader"] for entry in nodes if isinstance(entry.get("leader"), str))
+    return named.most_common(1)[0][0] if named else None
+
+
+def format_table(nodes: Sequence[Mapping[str, Any]]) -> str:
+    """The status rows as an aligned text table."""
+    rows = [[title for title, _ in _STATUS_COLUMNS]]
+    rows += [
+        ["-" if n.get(key) is None else str(n[key]) for _, key in _STATUS_COLUMNS] for n in nodes
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(_STATUS_COLUMNS))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+@cli.command()
+@click.argument("channel")
+@click.argument("values", nargs=-1, required=True)
+@_address_option
+@click.option("--json-values", is_flag=True, help="Parse each VALUE as JSON, not as a string.")
+def append(channel: str, values: tuple[str, ...], address: str | None, json_values: bool) -> None:
+    """Append VALUES to CHANNEL and wait until a majority has committed them."""
+    items: list[Any] = list(values)
+    if json_values:
+        try:
+            items = [json.loads(value) for value in values]
+        except ValueError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="VALUES") from None
+    with _connected(address) as client:
+        chan = client.channel(channel)
+        for item in items:
+            chan.append(item)
+        chan.flush()
+        length = len(chan)
+    click.echo(f"appended {len(items)} item(s) to {channel!r}; it now holds {length}")
+
+
+@cli.command()
+@click.argument("channel")
+@click.option("--from", "start", type=click.IntRange(min=0), help="First index to print.")
+@click.option(
+    "--follow/--no-follow", default=False, show_default=True, help="Keep printing new items."
+)
+@_address_option
+def tail(channel: str, start: int | None, follow: bool, address: str | None) -> None:
+    """Print CHANNEL's items one per line as JSON (from the oldest retained one by default)."""
+    with _connected(address) as client:
+        chan = client.channel(channel)
+        items = chan.iterate(start) if follow else chan.read(start=start)
+        try:
+            for item in items:
+                click.echo(json.dumps(item, default=_json_fallback))
+        except KeyboardInterrupt:
+            pass
+
+
+def _json_fallback(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="backslashreplace")
+    return repr(value)

@@ -1,0 +1,81 @@
+"""The cluster harness against real node processes: it can break a cluster and mend it."""
+
+from __future__ import annotations
+
+import time
+
+from cluster.harness import LocalCluster, agreed_leader
+
+FAILOVER_TIMEOUT = 30.0
+READY_TIMEOUT = 60.0
+
+
+def assert_all_reachable(cluster: LocalCluster) -> None:
+    roles = [entry["role"] for entry in cluster.status()]
+    assert "unreachable" not in roles, roles
+    assert roles.count("leader") == 1, roles
+
+
+def test_leader_killed_then_replaced_then_restarted(cluster: LocalCluster) -> None:
+    old = cluster.leader()
+    assert old is not None
+
+    cluster.kill(old)
+    assert not cluster.is_running(old)
+    new = cluster.wait_leader(timeout=FAILOVER_TIMEOUT)
+    assert new != old
+
+    cluster.restart(old)
+    cluster.wait_ready(timeout=READY_TIMEOUT)
+    assert_all_reachable(cluster)
+
+
+def test_paused_leader_is_replaced_and_rejoins(cluster: LocalCluster) -> None:
+    old = cluster.leader()
+    assert old is not None
+
+    cluster.pause(old)
+    try:
+        new = cluster.wait_leader(timeout=FAILOVER_TIMEOUT)
+        assert new != old
+    finally:
+        cluster.resume(old)
+
+    deadline = time.monotonic() + READY_TIMEOUT
+    while cluster.status()[old]["role"] != "follower":
+        assert time.monotonic() < deadline, "the resumed node did not rejoin as a follower"
+        time.sleep(0.1)
+    assert_all_reachable(cluster)
+
+
+def test_whole_cluster_killed_and_restarted(cluster: LocalCluster) -> None:
+    cluster.kill_all()
+    assert not any(cluster.is_running(i) for i in range(cluster.size))
+
+    cluster.restart_all()
+    cluster.wait_ready(timeout=READY_TIMEOUT)
+    assert_all_reachable(cluster)
+
+
+def test_close_reaps_every_node(cluster: LocalCluster) -> None:
+    cluster.close()
+
+    assert not any(cluster.is_running(i) for i in range(cluster.size))
+    cluster.close()  # a second close (the fixture's) finds nothing to do
+
+
+def test_agreed_leader_needs_a_majority_and_a_live_claim() -> None:
+    def view(*nodes: tuple[str, str | None]) -> list[dict[str, object]]:
+        """Statuses of nodes h:1, h:2, ... given as (role, leader named)."""
+        return [
+            {"client_address": f"h:{i}", "role": role, "leader": leader}
+            for i, (role, leader) in enumerate(nodes, start=1)
+        ]
+
+    lead, follow = ("leader", "h:1"), ("follower", "h:1")
+    assert agreed_leader(view(lead, follow, follow), 3) == "h:1"
+    assert agreed_leader(view(lead, follow, ("unreachable", None)), 3) == "h:1"
+    # One vote only: the others know no leader yet.
+    assert agreed_leader(view(lead, ("candidate", None), ("follower", None)), 3) is None
+    # The followers still name a leader that is gone.
+    assert agreed_leader(view(("unreachable", None), follow, follow), 3) is None
