@@ -146,14 +146,13 @@ class Backoff:
 
 
 class _AddressBook:
-    """Which node to dial next: the leader hint if any, else round-robin from a random start."""
+    """Which node to dial next: the leader hint if any, else round-robin from ``start``."""
 
-    def __init__(self, addresses: Sequence[str], rng: random.Random | None = None) -> None:
+    def __init__(self, addresses: Sequence[str], start: int = 0) -> None:
         if not addresses:
             raise ValueError("at least one address is needed")
         self.addresses = list(addresses)
-        # A random start spreads many clients over the nodes for their first dial.
-        self._cursor = (rng or random).randrange(len(self.addresses))
+        self._cursor = start
         self._hint: str | None = None
 
     def hint(self, leader: str | None) -> None:
@@ -167,6 +166,87 @@ class _AddressBook:
         address = self.addresses[self._cursor % len(self.addresses)]
         self._cursor += 1
         return address
+
+
+class _Link:
+    """One connection slot: the open connection, the dial in progress, and where to dial.
+
+    The client keeps two: one for the leader (writes and linearizable reads) and one
+    for long polls, which any caught-up node may answer.
+    """
+
+    def __init__(self, book: _AddressBook, retry: RetryPolicy, max_frame_bytes: int) -> None:
+        self.book = book
+        self.retry = retry
+        self.max_frame_bytes = max_frame_bytes
+        self.conn: _Connection | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.last_error = "no attempt yet"
+        self.closed = False
+
+    async def connection(self, deadline: float | None) -> _Connection:
+        """The open connection, dialling first if needed; waits at most until ``deadline``.
+
+        Raises :class:`_DeadlinePassed` when the deadline passes first.
+        """
+        while True:
+            if self.closed:
+                raise Closed("this raftchan client is closed")
+            conn = self.conn
+            if conn is not None and not conn.closed:
+                return conn
+            task = self.connect_task
+            if task is None or task.done():
+                task = self.connect_task = asyncio.get_running_loop().create_task(self._dial())
+            remaining = None if deadline is None else _remaining(deadline)
+            if remaining is not None and remaining <= 0:
+                raise _DeadlinePassed
+            done, _ = await asyncio.wait({task}, timeout=remaining)
+            if not done:
+                raise _DeadlinePassed
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]  # a bug in _dial: surface it
+
+    async def _dial(self) -> None:
+        """Dial nodes (hint first, then round-robin) with backoff until one handshakes."""
+        backoff = Backoff(self.retry)
+        while not self.closed:
+            address = self.book.next()
+            try:
+                conn = await _Connection.open(
+                    address, self.retry.attempt_timeout, self.max_frame_bytes
+                )
+            except _DIAL_ERRORS as exc:
+                self.last_error = f"{address}: {exc or type(exc).__name__}"
+                logger.debug("connecting failed: %s", self.last_error)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            logger.debug("connected to %s (%s)", conn.node, address)
+            self.conn = conn
+            return
+
+    def abandon(self, conn: _Connection, hint: str | None) -> None:
+        """Stop using ``conn`` (wrong node, or broken); dial ``hint`` next if known."""
+        if self.conn is conn:
+            self.book.hint(hint)
+            self.conn = None
+            conn.close()
+
+    async def close(self) -> None:
+        self.closed = True
+        task = self.connect_task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close(Closed("this raftchan client is closed"))
+            await conn.wait_closed()
+
+
+def _remaining(deadline: float) -> float:
+    return max(0.0, deadline - asyncio.get_running_loop().time())
 
 
 # ---------------------------------------------------------------------------------------
@@ -598,10 +678,16 @@ class AsyncClient:
         self.limits = limits
         self.max_in_flight = max_in_flight
         self.poll_wait = min(poll_wait, limits.max_poll_wait)
-        self._book = _AddressBook(self.addresses)
-        self._conn: _Connection | None = None
-        self._connect_task: asyncio.Task[None] | None = None
-        self._last_connect_error = "no attempt yet"
+        # A random start spreads many clients over the nodes for their first dial; the
+        # leader's "not_leader" hints then take each client where writes are served.
+        self._link = _Link(
+            _AddressBook(self.addresses, random.randrange(len(self.addresses))),
+            self.retry,
+            limits.max_frame_bytes,
+        )
+        # Long polls go to the first listed node that answers them (a reader lists its
+        # nearest node first), so followers carry the iterations and the leader the writes.
+        self._poll_link = _Link(_AddressBook(self.addresses), self.retry, limits.max_frame_bytes)
         self._outbox = _Outbox()
         self._flushers: list[tuple[int, asyncio.Future[None]]] = []
         self._sender: asyncio.Task[None] | None = None
@@ -635,7 +721,7 @@ class AsyncClient:
         self._check_open()
         deadline = self._deadline(timeout)
         try:
-            conn = await self._connection(deadline)
+            conn = await self._link.connection(deadline)
         except _DeadlinePassed:
             raise self._deadline_error("connect", None, uncertain=False) from None
         return conn.node
@@ -789,7 +875,8 @@ class AsyncClient:
             poll = protocol.Poll(0, channel, next_index, self._position, self.poll_wait)
             # The node may hold a poll for poll_wait on purpose: that is not lost time.
             deadline = self._deadline(None) + self.poll_wait
-            page = _parse(ReadResult, await self._call(poll, deadline, wait=self.poll_wait))
+            answer = await self._call(poll, deadline, wait=self.poll_wait, any_node=True)
+            page = _parse(ReadResult, answer)
             self._observe(channel, page.stopped)
 
     # -- requests with retries -----------------------------------------------------------
@@ -836,10 +923,12 @@ class AsyncClient:
         *,
         wait: float = 0.0,
         ambiguous_ok: type[RaftchanError] | None = None,
+        any_node: bool = False,
     ) -> dict[str, Any]:
         """Send a request that is safe to repeat, retrying until an answer or ``deadline``.
 
         ``wait`` is how long the node may hold the request on purpose (a poll).
+        ``any_node``: use the poll connection, which stays on whichever node answers.
         ``ambiguous_ok``: an error that, after an attempt with unknown outcome, means that
         attempt succeeded (``channel_not_found`` for a delete).
         """
@@ -847,10 +936,11 @@ class AsyncClient:
         uncertain = False  # some attempt may have been executed
         last: BaseException | None = None
         redirected = False
+        link = self._poll_link if any_node else self._link
         while True:
             self._check_open()
             try:
-                conn = await self._connection(deadline)
+                conn = await link.connection(deadline)
             except _DeadlinePassed:
                 raise self._deadline_error(request.TYPE, last, uncertain) from None
             future = conn.send(request, self.retry.attempt_timeout + wait)
@@ -867,8 +957,8 @@ class AsyncClient:
                 raise error
             last = error
             uncertain = uncertain or isinstance(error, CommitUnknown)
-            hint = error.leader if isinstance(error, NotLeader) else None
-            self._abandon(conn, hint)
+            hint = error.leader if isinstance(error, NotLeader) and not any_node else None
+            link.abandon(conn, hint)
             if hint is not None and hint != conn.address and not redirected:
                 redirected = True  # follow a fresh hint at once; back off if it repeats
                 continue
@@ -877,50 +967,6 @@ class AsyncClient:
             await asyncio.sleep(max(delay, 0.0))
 
     # -- connection management -----------------------------------------------------------
-
-    async def _connection(self, deadline: float | None) -> _Connection:
-        """The current connection, connecting first if needed; waits at most until ``deadline``."""
-        while True:
-            self._check_open()
-            conn = self._conn
-            if conn is not None and not conn.closed:
-                return conn
-            task = self._connect_task
-            if task is None or task.done():
-                task = self._connect_task = asyncio.get_running_loop().create_task(self._connect())
-            remaining = None if deadline is None else self._remaining(deadline)
-            if remaining is not None and remaining <= 0:
-                raise _DeadlinePassed
-            done, _ = await asyncio.wait({task}, timeout=remaining)
-            if not done:
-                raise _DeadlinePassed
-            if not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]  # a bug in _connect: surface it
-
-    async def _connect(self) -> None:
-        """Dial nodes (hint first, then round-robin) with backoff until one handshakes."""
-        backoff = Backoff(self.retry)
-        while not self._closed:
-            address = self._book.next()
-            try:
-                conn = await _Connection.open(
-                    address, self.retry.attempt_timeout, self.limits.max_frame_bytes
-                )
-            except _DIAL_ERRORS as exc:
-                self._last_connect_error = f"{address}: {exc or type(exc).__name__}"
-                logger.debug("connecting failed: %s", self._last_connect_error)
-                await asyncio.sleep(backoff.next_delay())
-                continue
-            logger.debug("connected to %s (%s)", conn.node, address)
-            self._conn = conn
-            return
-
-    def _abandon(self, conn: _Connection, leader: str | None) -> None:
-        """Stop using ``conn`` (not the leader, or broken); dial ``leader`` next if known."""
-        if self._conn is conn:
-            self._book.hint(leader)
-            self._conn = None
-            conn.close()
 
     # -- the sender ----------------------------------------------------------------------
 
@@ -948,7 +994,7 @@ class AsyncClient:
             self._sender_wake.clear()
             await self._sender_wake.wait()
         else:
-            conn = await self._connection(None)
+            conn = await self._link.connection(None)
             self._send_batches(conn)
             await conn.drain()
 
@@ -997,7 +1043,7 @@ class AsyncClient:
             return  # an answer from before the last re-send: that re-send covers it
         hint = error.leader if isinstance(error, NotLeader) else None
         if expected is None:  # a sequence gap says nothing against this connection
-            self._abandon(conn, hint)
+            self._link.abandon(conn, hint)
         self._outbox.rewind()
         self._in_flight = 0
         delay = self._sender_backoff.next_delay()
@@ -1085,7 +1131,7 @@ class AsyncClient:
 
     @staticmethod
     def _remaining(deadline: float) -> float:
-        return max(0.0, deadline - asyncio.get_running_loop().time())
+        return _remaining(deadline)
 
     def _deadline_error(
         self, what: str, last: BaseException | None, uncertain: bool
@@ -1094,21 +1140,19 @@ class AsyncClient:
         if uncertain:
             detail = f" (last error: {last})" if last is not None else ""
             return Timeout(f"{what}: no answer before the deadline{detail}")
-        cause = last if last is not None else self._last_connect_error
+        cause = last if last is not None else self._link.last_error
         return NoLeader(f"{what}: no node could serve it before the deadline ({cause})")
 
     async def _shut_down(self) -> None:
         self._closed = True
-        tasks = [t for t in (self._sender, self._connect_task) if t is not None]
-        for task in tasks:
-            task.cancel()
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close(Closed("this raftchan client is closed"))
-            await conn.wait_closed()
-        for task in tasks:
+        sender = self._sender
+        if sender is not None:
+            sender.cancel()
+        await self._link.close()
+        await self._poll_link.close()
+        if sender is not None:
             with contextlib.suppress(BaseException):
-                await task
+                await sender
         for _, future in self._flushers:
             if not future.done():
                 future.set_exception(Closed("this raftchan client is closed"))

@@ -59,6 +59,8 @@ class NodeServer:
         self._connections: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
         self._was_leader = False
+        #: Long polls this node answered (with items or a timely empty answer).
+        self.polls_answered = 0
         #: Set when the node must stop; ``fatal`` then says why (None for a clean stop).
         self.stopped = asyncio.Event()
         self.fatal: str | None = None
@@ -204,7 +206,9 @@ class NodeServer:
     async def _dispatch(self, request: protocol.Request) -> dict[str, Any]:
         rid = request.id
         if isinstance(request, protocol.Status):
-            return protocol.ok_response(rid, **self.replica.status())
+            return protocol.ok_response(
+                rid, **self.replica.status(), polls_answered=self.polls_answered
+            )
         if isinstance(request, protocol.Poll):
             return protocol.ok_response(rid, **await self._poll(request))
         self._require_leader()
@@ -290,19 +294,27 @@ class NodeServer:
             with self.replica.lock:
                 position = self.replica.state.position
                 channel = self.replica.state.channels.get(request.channel)
-                caught_up = position >= request.min_position and self.replica.is_ready
+                # A node that knows no leader may be cut off from the majority: its
+                # empty answers would stall the reader, so send the reader elsewhere.
+                caught_up = (
+                    position >= request.min_position
+                    and self.replica.is_ready
+                    and self.replica.leader_raft_address() is not None
+                )
                 has_news = channel is not None and (
                     channel.next > request.start or channel.stopped or request.start < channel.first
                 )
             if caught_up and (channel is None or has_news):
+                self.polls_answered += 1
                 return self._read(request.channel, request.start, None)
             remaining = deadline - self._loop.time()
             if remaining <= 0:
                 if not caught_up:
                     raise NoLeader(
-                        f"node {self.config.name} has applied position {position}, "
-                        f"behind the reader's {request.min_position}; try another node"
+                        f"node {self.config.name} is at position {position} (reader: "
+                        f"{request.min_position}) or knows no leader; try another node"
                     )
+                self.polls_answered += 1
                 return self._read(request.channel, request.start, None)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(event.wait(), remaining)

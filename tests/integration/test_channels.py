@@ -1,0 +1,233 @@
+"""The channel contract against a real 3-node cluster: order, exactly-once, stop, maxlen."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import msgpack
+import pytest
+
+import raftchan
+from cluster.harness import LocalCluster
+from raftchan import protocol
+
+#: Seconds any single client operation may take on a loaded test machine.
+OP_TIMEOUT = 60.0
+#: Seconds a reader thread may take to see the end of its channel.
+READER_TIMEOUT = 90.0
+
+
+def follower_first(cluster: LocalCluster, follower: int) -> str:
+    """An address list that puts one follower first, so its long polls go there."""
+    addresses = cluster.client_addresses
+    ordered = [addresses[follower]] + [a for i, a in enumerate(addresses) if i != follower]
+    return ",".join(ordered)
+
+
+def followers(cluster: LocalCluster) -> list[int]:
+    leader = cluster.leader()
+    assert leader is not None
+    return [i for i in range(cluster.size) if i != leader]
+
+
+class Reader(threading.Thread):
+    """Iterates one channel in a thread of its own and keeps what it saw."""
+
+    def __init__(self, address: str, channel: str) -> None:
+        super().__init__(daemon=True)
+        self.address = address
+        self.channel = channel
+        self.items: list[Any] = []
+        self.error: BaseException | None = None
+        self.started_iterating = threading.Event()
+
+    def run(self) -> None:
+        try:
+            with raftchan.Client(self.address, timeout=OP_TIMEOUT, poll_wait=1.0) as client:
+                chan = client.channel(self.channel)
+                self.started_iterating.set()
+                for item in chan:
+                    self.items.append(item)
+        except BaseException as exc:  # handed to the test thread, which re-raises it
+            self.error = exc
+        finally:
+            self.started_iterating.set()
+
+    def result(self) -> list[Any]:
+        self.join(READER_TIMEOUT)
+        assert not self.is_alive(), f"iteration did not end; saw {len(self.items)} items"
+        if self.error is not None:
+            raise self.error
+        return self.items
+
+
+def test_concurrent_writers_give_every_reader_one_order(cluster: LocalCluster) -> None:
+    per_writer = 400
+
+    def write(tag: str) -> None:
+        with raftchan.Client(cluster.addresses, timeout=OP_TIMEOUT) as client:
+            chan = client.channel("shared")
+            for i in range(per_writer):
+                chan.append([tag, i])
+                if i % 50 == 49:
+                    chan.flush()
+            chan.flush()
+
+    writers = [threading.Thread(target=write, args=(tag,)) for tag in ("a", "b")]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(READER_TIMEOUT)
+        assert not writer.is_alive()
+
+    snapshots = []
+    for follower in range(cluster.size):
+        address = follower_first(cluster, follower)
+        with raftchan.Client(address, timeout=OP_TIMEOUT) as client:
+            chan = client.channel("shared")
+            snapshots.append([tuple(item) for item in chan.data])
+            snapshots.append([tuple(item) for item in chan.read(start=0)])
+    first = snapshots[0]
+    assert all(snapshot == first for snapshot in snapshots)
+    assert len(first) == 2 * per_writer
+    for tag in ("a", "b"):
+        assert [i for t, i in first if t == tag] == list(range(per_writer))
+    # Group commit interleaves the writers rather than serialising one after the other.
+    assert first != sorted(first)
+
+
+def test_stop_ends_iterations_on_followers_and_refuses_appends(cluster: LocalCluster) -> None:
+    polls_before = {i: cluster.status()[i].get("polls_answered", 0) for i in range(cluster.size)}
+    readers = [Reader(follower_first(cluster, i), "jobs") for i in followers(cluster)]
+    readers.append(Reader(cluster.client_addresses[cluster.leader() or 0], "jobs"))
+    with raftchan.Client(cluster.addresses, timeout=OP_TIMEOUT) as client:
+        chan = client.channel("jobs")
+        for reader in readers:
+            reader.start()
+            assert reader.started_iterating.wait(OP_TIMEOUT)
+        expected = [{"job": i} for i in range(200)]
+        for i, item in enumerate(expected):
+            chan.append(item)
+            if i % 40 == 0:
+                chan.flush()
+        chan.stop()
+        for reader in readers:
+            assert reader.result() == expected
+
+        with pytest.raises(raftchan.ChannelStopped):
+            chan.append("late")
+            chan.flush()
+    # A fresh client learns of the stop when it opens the channel ...
+    with raftchan.Client(cluster.addresses, timeout=OP_TIMEOUT) as other:
+        late = other.channel("jobs")
+        with pytest.raises(raftchan.ChannelStopped):
+            late.append("late")
+        assert list(late.data) == expected
+        assert list(late) == expected  # a new iteration of a stopped channel ends too
+
+    # ... and the cluster itself refuses an append sent without asking first.
+    leader = cluster.client_addresses[cluster.leader() or 0]
+    session = os.urandom(protocol.SESSION_ID_BYTES)
+    refused = call(leader, protocol.Append(1, "jobs", session, 1, [msgpack.packb("late")]))
+    assert refused["ok"] is False and refused["error"]["code"] == "channel_stopped"
+
+    statuses = cluster.status()
+    for i in followers(cluster):
+        assert statuses[i]["polls_answered"] > polls_before[i], "no poll reached follower"
+
+
+def test_maxlen_keeps_newest_and_names_the_gap(cluster: LocalCluster) -> None:
+    with raftchan.Client(cluster.addresses, timeout=OP_TIMEOUT) as client:
+        chan = client.channel("recent", maxlen=5)
+        chan.extend(range(20))
+        chan.flush()
+        assert list(chan.data) == [15, 16, 17, 18, 19]
+        assert len(chan) == 5
+        info = chan.info()
+        assert (info.first, info.next, info.maxlen) == (15, 20, 5)
+        assert chan.read(start=17) == [17, 18, 19]
+
+        with pytest.raises(raftchan.TrimmedGap) as caught:
+            chan.read(start=3)
+        assert caught.value.details == {"channel": "recent", "requested": 3, "first": 15}
+        assert "3" in str(caught.value) and "15" in str(caught.value)
+
+        iteration = chan.iterate(start=10)
+        with pytest.raises(raftchan.TrimmedGap):
+            next(iteration)
+        iteration.close()
+        assert list(chan.data) == [15, 16, 17, 18, 19]  # the failed reads changed nothing
+
+
+# ---------------------------------------------------------------------------------------
+# Exactly once: the same (session, seq) sent again, as a client does after a dropped
+# connection, is answered with the first result and not stored again.
+
+
+@contextmanager
+def raw_connection(address: str) -> Iterator[socket.socket]:
+    host, port = address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=OP_TIMEOUT)
+    try:
+        sock.sendall(protocol.encode_frame(protocol.hello_request()))
+        protocol.check_hello(receive(sock))
+        yield sock
+    finally:
+        sock.close()
+
+
+def receive(sock: socket.socket) -> dict[str, Any]:
+    decoder = protocol.FrameDecoder()
+    while True:
+        for message in decoder.messages():
+            return message
+        data = sock.recv(65536)
+        assert data, "the node closed the connection"
+        decoder.feed(data)
+
+
+def call(address: str, request: protocol.Request) -> dict[str, Any]:
+    with raw_connection(address) as sock:
+        sock.sendall(protocol.encode_frame(request.to_wire()))
+        return receive(sock)
+
+
+def test_a_repeated_append_is_stored_once(cluster: LocalCluster) -> None:
+    leader = cluster.client_addresses[cluster.leader() or 0]
+    assert call(leader, protocol.Open(1, "once"))["ok"]
+    session = os.urandom(protocol.SESSION_ID_BYTES)
+    items = [msgpack.packb(x) for x in ("a", "b", "c")]
+    append = protocol.Append(1, "once", session, 1, items)
+
+    first = call(leader, append)
+    assert first["ok"], first
+    # The answer was "lost": the client dials again and sends the very same request.
+    again = call(leader, append)
+    assert again["ok"] and again["duplicate"] and not first["duplicate"]
+    assert again["indexes"] == first["indexes"] == [0, 1, 2]
+    following = call(leader, protocol.Append(1, "once", session, 4, [msgpack.packb("d")]))
+    assert following["ok"], following
+
+    with raftchan.Client(cluster.addresses, timeout=OP_TIMEOUT) as client:
+        assert list(client.channel("once").data) == ["a", "b", "c", "d"]
+
+
+def test_async_client_appends_reads_and_iterates(cluster: LocalCluster) -> None:
+    async def scenario() -> list[Any]:
+        async with raftchan.AsyncClient(cluster.addresses, timeout=OP_TIMEOUT) as client:
+            chan = await client.channel("async")
+            chan.append({"x": 123})
+            chan.extend([1, "two", [3]])
+            await chan.flush(timeout=OP_TIMEOUT)
+            assert list(await chan.data()) == [{"x": 123}, 1, "two", [3]]
+            assert await chan.len() == 4
+            await chan.stop()
+            return [item async for item in chan]
+
+    assert asyncio.run(scenario()) == [{"x": 123}, 1, "two", [3]]
