@@ -273,11 +273,13 @@ def _node_config(options: Mapping[str, Any]) -> NodeConfig:
     )
 
 
-def _read_secret(path: Path | None) -> str | None:
+def _read_secret(path: Path | None) -> bytes | None:
+    # Bytes, not text: a secret made of random bytes is as good as a passphrase. Trailing
+    # whitespace is dropped so that an editor's final newline does not change the key.
     if path is None:
         return None
     try:
-        secret = path.read_text().strip()
+        secret = path.read_bytes().strip()
     except OSError as exc:
         raise ConfigError(f"cannot read the cluster secret file {path}: {exc}") from None
     if not secret:

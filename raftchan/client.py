@@ -100,7 +100,9 @@ class RetryPolicy:
 
     initial_delay: float = 0.05
     multiplier: float = 2.0
-    max_delay: float = 2.0
+    # An election takes 0.4-1.4 s with the default Raft timeouts; a cap well under that
+    # keeps the wait between a new leader and the client's next attempt short.
+    max_delay: float = 0.5
     jitter: float = 0.2
     timeout: float = 30.0
     attempt_timeout: float = 10.0

@@ -111,7 +111,7 @@ class NodeConfig:
     peer_address: str
     peers: tuple[str, ...]
     data_dir: Path
-    cluster_secret: str | None = None
+    cluster_secret: bytes | None = None
     fsync: str = "always"
     dask_scheduler: str | None = None
     limits: Limits = DEFAULT_LIMITS

@@ -28,6 +28,9 @@ class Limits:
         max_channel_name: longest channel name, in characters.
         max_read_items: most items one read or poll response carries (clients page).
         max_poll_wait: longest a long-poll may wait on a node, in seconds.
+        max_pending_requests: requests one connection may have unanswered on a node;
+            beyond it the node stops reading that connection until one is answered, so a
+            client that never reads its answers cannot make the node queue without end.
     """
 
     max_frame_bytes: int = 4 * MIB
@@ -38,6 +41,7 @@ class Limits:
     max_channel_name: int = 256
     max_read_items: int = 10_000
     max_poll_wait: float = 30.0
+    max_pending_requests: int = 256
 
 
 DEFAULT_LIMITS = Limits()

@@ -126,7 +126,10 @@ def decode_body(body: bytes) -> dict[str, Any]:
     try:
         message = msgpack.unpackb(body, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise ProtocolError(f"frame body is not valid msgpack: {exc}") from None
+        # Some of them (StackError for deep nesting, FormatError for reserved bytes) carry
+        # no message; their name is then all the peer can be told about its mistake.
+        reason = str(exc) or type(exc).__name__
+        raise ProtocolError(f"frame body is not valid msgpack: {reason}") from None
     if not isinstance(message, dict):
         raise ProtocolError(f"frame body is a {type(message).__name__}, not a map")
     return message
@@ -273,6 +276,19 @@ _REQUEST_FIELD_TYPES: dict[tuple[str, str], tuple[type, ...]] = {
 }
 
 
+def request_id_of(message: dict[str, Any]) -> int | None:
+    """The request's ``id`` if it is one a response may carry back, else ``None``.
+
+    A bool is refused although Python counts it as an int: echoed back as ``true`` it
+    would compare equal to the id 1 in the asker's table of pending requests and settle
+    a request it does not answer.
+    """
+    request_id = message.get("id")
+    if not isinstance(request_id, int) or isinstance(request_id, bool):
+        return None
+    return request_id
+
+
 def parse_request(message: dict[str, Any], limits: Any = DEFAULT_LIMITS) -> Request:
     """Validate a decoded request map and build its typed request.
 
@@ -282,8 +298,8 @@ def parse_request(message: dict[str, Any], limits: Any = DEFAULT_LIMITS) -> Requ
     """
     from raftchan.errors import LimitExceeded
 
-    request_id = message.get("id")
-    if not isinstance(request_id, int) or isinstance(request_id, bool):
+    request_id = request_id_of(message)
+    if request_id is None:
         raise RequestInvalid("request has no integer 'id'")
     kind = message.get("type")
     cls = REQUEST_TYPES.get(kind) if isinstance(kind, str) else None

@@ -161,6 +161,9 @@ class NodeServer:
                         )
                         greeted = True
                         continue
+                    if len(requests) >= self.limits.max_pending_requests:
+                        # Backpressure: stop reading until an answer has gone out.
+                        await asyncio.wait(requests, return_when=asyncio.FIRST_COMPLETED)
                     handler = asyncio.create_task(self._handle(message, writer))
                     requests.add(handler)
                     handler.add_done_callback(requests.discard)
@@ -180,7 +183,9 @@ class NodeServer:
             self._connections.discard(task)
 
     async def _handle(self, message: dict[str, Any], writer: asyncio.StreamWriter) -> None:
-        request_id = message.get("id") if isinstance(message.get("id"), int) else None
+        # The same id rule as parse_request: a refused id (a bool, say) is answered as nil,
+        # never echoed, so the asker cannot mistake the answer for one of its requests.
+        request_id = protocol.request_id_of(message)
         try:
             request = protocol.parse_request(message, self.limits)
             response = await self._dispatch(request)
