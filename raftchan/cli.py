@@ -227,6 +227,8 @@ def _limit_options(func: F) -> F:
     show_default=True,
 )
 @click.option("--record-synced", is_flag=True, hidden=True)
+@click.option("--fault-injection", is_flag=True, hidden=True)
+@click.option("--unsafe-local-reads", is_flag=True, hidden=True)
 def node(**options: Any) -> None:
     """Run one node in the foreground until SIGTERM or Ctrl-C."""
     try:
@@ -270,6 +272,8 @@ def _node_config(options: Mapping[str, Any]) -> NodeConfig:
         limits=limits,
         raft=tuning,
         record_synced=options["record_synced"],
+        fault_injection=options["fault_injection"],
+        unsafe_local_reads=options["unsafe_local_reads"],
     )
 
 

@@ -104,6 +104,11 @@ class NodeConfig:
         dask_scheduler: address of the Dask scheduler whose futures this cluster keeps.
         record_synced: test aid; the journal records its last fsynced length beside it so
             a test can emulate power loss.
+        fault_injection: test aid; the node obeys ``fault`` requests that cut its Raft
+            traffic to chosen peers (network partitions on one machine).
+        unsafe_local_reads: a deliberately broken build for testing the fault suite:
+            ``data``/``len``/``read`` skip the read barrier, so a deposed leader serves
+            stale reads. Never use it for anything else.
     """
 
     name: str
@@ -117,6 +122,8 @@ class NodeConfig:
     limits: Limits = DEFAULT_LIMITS
     raft: RaftTuning = field(default_factory=RaftTuning)
     record_synced: bool = False
+    fault_injection: bool = False
+    unsafe_local_reads: bool = False
 
     def validate(self) -> None:
         """Raise ConfigError for a configuration that is unsafe or cannot work."""

@@ -254,8 +254,21 @@ class Status(Request):
     TYPE: ClassVar[str] = "status"
 
 
+@dataclass(frozen=True)
+class Fault(Request):
+    """Test aid: drop this node's Raft traffic to the peers whose Raft addresses are listed.
+
+    Served only by a node started with ``--fault-injection``; an empty list heals. The
+    fault suite cuts both directions of a pair by telling both nodes.
+    """
+
+    TYPE: ClassVar[str] = "fault"
+    block: list[str] = field(default_factory=list)
+
+
 REQUEST_TYPES: dict[str, type[Request]] = {
-    cls.TYPE: cls for cls in (Open, Append, Info, Read, Poll, Stop, Delete, EndSession, Status)
+    cls.TYPE: cls
+    for cls in (Open, Append, Info, Read, Poll, Stop, Delete, EndSession, Status, Fault)
 }
 
 # Which python types each field accepts on the wire (bool is excluded from int on purpose).
@@ -269,6 +282,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "end": (int, type(None)),
     "min_position": (int,),
     "wait": (int, float),
+    "block": (list,),
 }
 # Where one request type is stricter than the table above: a poll needs a start index.
 _REQUEST_FIELD_TYPES: dict[tuple[str, str], tuple[type, ...]] = {
@@ -328,6 +342,10 @@ def parse_request(message: dict[str, Any], limits: Any = DEFAULT_LIMITS) -> Requ
         value = values.get(name)
         if isinstance(value, int) and value < 0:
             raise RequestInvalid(f"{kind}: field {name!r} must not be negative", id=request_id)
+    if values.get("seq") == 0:
+        raise RequestInvalid("seq must be at least 1: a session numbers from 1", id=request_id)
+    if any(not isinstance(peer, str) for peer in values.get("block", ())):
+        raise RequestInvalid("fault: 'block' must list Raft addresses as strings", id=request_id)
     if values.get("maxlen") == 0:
         raise RequestInvalid("maxlen must be at least 1 (or nil for unbounded)", id=request_id)
     if "wait" in values:

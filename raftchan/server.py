@@ -24,6 +24,7 @@ from raftchan.errors import (
     NotLeader,
     ProtocolError,
     RaftchanError,
+    RequestInvalid,
     error_from_wire,
 )
 from raftchan.replica import Replica
@@ -216,6 +217,12 @@ class NodeServer:
             )
         if isinstance(request, protocol.Poll):
             return protocol.ok_response(rid, **await self._poll(request))
+        if isinstance(request, protocol.Fault):
+            if not self.config.fault_injection:
+                raise RequestInvalid("fault injection is off on this node")
+            self.replica.set_blocked_peers(set(request.block))
+            logger.warning("fault injection: Raft traffic to %s dropped", request.block or "none")
+            return protocol.ok_response(rid)
         self._require_leader()
         if isinstance(request, protocol.Append):
             op = ["append", request.channel, request.session, request.seq, request.items]
@@ -267,6 +274,8 @@ class NodeServer:
         return result
 
     async def _barrier(self) -> None:
+        if self.config.unsafe_local_reads:
+            return  # the deliberately broken build the fault suite must catch
         await self.committer.barrier()
         # The barrier proves leadership at commit time; if we lost it since, the state we
         # would read is still committed, so serving it stays linearizable.

@@ -29,6 +29,7 @@ from raftchan.protocol import (
     ChannelInfo,
     Delete,
     EndSession,
+    Fault,
     FrameDecoder,
     Info,
     Open,
@@ -244,6 +245,7 @@ EXAMPLES: list[Request] = [
     Delete(id=10, channel="jobs"),
     EndSession(id=11, session=SID),
     Status(id=0),
+    Fault(id=12, block=["127.0.0.1:7201"]),
 ]
 
 
@@ -329,6 +331,9 @@ BAD_FIELDS: list[tuple[str, str, Any]] = [
     ("open", "maxlen", -1),
     ("open", "maxlen", 0),
     ("append", "seq", -1),
+    ("append", "seq", 0),
+    ("fault", "block", "127.0.0.1:7201"),
+    ("fault", "block", [7201]),
     ("read", "start", -1),
     ("read", "end", -5),
     ("poll", "start", -1),
