@@ -307,6 +307,9 @@ class _Outbox:
         self._errors: list[tuple[int, RaftchanError]] = []
         #: The session's seq 1 was refused before reaching the state (see expire()).
         self._unborn = False
+        #: Tickets whose index the caller waits for (``put``), and the indexes they got.
+        self.watched: set[int] = set()
+        self.indexes: dict[int, int] = {}
 
     # -- queueing and batching ------------------------------------------------------------
 
@@ -371,10 +374,13 @@ class _Outbox:
 
     # -- answers -------------------------------------------------------------------------
 
-    def acknowledge(self, batch: _Batch) -> None:
-        """The batch is stored (or was stored before: a repeat)."""
-        for item in batch.items:
-            self._pending.pop(item.ticket, None)
+    def acknowledge(self, batch: _Batch, indexes: Sequence[int] = ()) -> None:
+        """The batch is stored (or was stored before: a repeat) at ``indexes``."""
+        for position, item in enumerate(batch.items):
+            if self._pending.pop(item.ticket, None) is None:
+                continue
+            if item.ticket in self.watched and position < len(indexes):
+                self.indexes[item.ticket] = indexes[position]
 
     def refuse(self, batch: _Batch, error: RaftchanError) -> None:
         """The cluster refused the batch for a reason that a retry would not change."""
@@ -819,11 +825,26 @@ class AsyncClient:
             raise ChannelStopped(f"channel {channel!r} is stopped", channel=channel)
         return [self.codec.encode(item) for item in items]
 
-    def _enqueue(self, channel: str, datas: list[bytes]) -> None:
-        """Queue encoded items (on the loop's thread) and wake the sender."""
+    def _enqueue(self, channel: str, datas: list[bytes]) -> int:
+        """Queue encoded items (on the loop's thread), wake the sender; the last ticket."""
         self._check_open()
-        self._outbox.add(channel, datas)
+        ticket = self._outbox.add(channel, datas)
         self._ensure_sender()
+        return ticket
+
+    async def _put(self, channel: str, item: Any, timeout: float | None) -> int:
+        ticket = self._enqueue(channel, self._prepare(channel, (item,)))
+        self._outbox.watched.add(ticket)
+        try:
+            await self.flush(timeout)
+            index = self._outbox.indexes.pop(ticket, None)
+        finally:
+            self._outbox.watched.discard(ticket)
+        if index is None:
+            # Stored, as flush says, but answered without its index (a session renumbering
+            # settled it from the state's sequence alone).
+            raise CommitUnknown("the item is stored but its index was not reported")
+        return index
 
     async def _info(self, channel: str, timeout: float | None) -> ChannelInfo:
         return await self._info_call(protocol.Info(0, channel), self._deadline(timeout))
@@ -1018,7 +1039,7 @@ class AsyncClient:
             self._in_flight -= 1
         error = _outcome(future)
         if not isinstance(error, RaftchanError):
-            self._outbox.acknowledge(batch)
+            self._outbox.acknowledge(batch, error.get("indexes") or ())
             self._sender_backoff.reset()
         elif isinstance(error, Closed):
             return
@@ -1197,6 +1218,15 @@ class AsyncChannel:
     async def flush(self, timeout: float | None = None) -> None:
         """Wait for every earlier append of this client; see :meth:`AsyncClient.flush`."""
         await self._client.flush(timeout)
+
+    async def put(self, item: Any, timeout: float | None = None) -> int:
+        """Append ``item``, wait as :meth:`flush` does, and return the index it was stored at.
+
+        Raises what ``append`` and ``flush`` raise (a refusal of any earlier append of
+        this client included). After :class:`Timeout` the item stays queued and is still
+        stored at most once.
+        """
+        return await self._client._put(self.name, item, timeout)
 
     async def data(self, timeout: float | None = None) -> deque[Any]:
         """A linearizable snapshot of the retained items, as a ``collections.deque``."""

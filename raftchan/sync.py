@@ -218,6 +218,11 @@ class Channel:
         """Block until every earlier append of this client (any channel) is answered."""
         self._client.flush(timeout)
 
+    def put(self, item: Any, timeout: float | None = None) -> int:
+        """Append ``item``, block as :meth:`flush` does, return its index; see
+        :meth:`AsyncChannel.put <raftchan.client.AsyncChannel.put>`."""
+        return self._client._run(self._channel.put(item, timeout))
+
     @property
     def data(self) -> deque[Any]:
         """A linearizable snapshot of the retained items (a ``collections.deque``)."""

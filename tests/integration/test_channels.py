@@ -231,3 +231,17 @@ def test_async_client_appends_reads_and_iterates(cluster: LocalCluster) -> None:
             return [item async for item in chan]
 
     assert asyncio.run(scenario()) == [{"x": 123}, 1, "two", [3]]
+
+
+def test_put_returns_the_index_each_item_was_stored_at(cluster: LocalCluster) -> None:
+    with raftchan.Client(cluster.addresses, timeout=OP_TIMEOUT) as client:
+        chan = client.channel("indexed")
+        chan.extend(["a", "b"])  # queued before the put: the put waits for them too
+        assert chan.put("c") == 2
+        with raftchan.Client(cluster.addresses, timeout=OP_TIMEOUT) as other:
+            assert other.channel("indexed").put("d") == 3
+        assert chan.put("e") == 4
+        assert list(chan.data) == ["a", "b", "c", "d", "e"]
+        chan.stop()
+        with pytest.raises(raftchan.ChannelStopped):
+            chan.put("late")
