@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 from collections import Counter
@@ -31,6 +32,7 @@ from typing import IO, Any
 import raftchan
 from cluster.ports import RAFT_PORT_OFFSET, accepts_connections, free_ports, port_is_free
 from cluster.process import NodeProcess, NodeSpec
+from raftchan import protocol
 from raftchan.cli import RAFT_TUNING_FLAGS
 from raftchan.config import RaftTuning, split_address
 from raftchan.errors import RaftchanError
@@ -98,9 +100,15 @@ class LocalCluster:
             defaults. The default :data:`FAST_TUNING` suits tests.
         extra_args: more ``raftchan node`` arguments for every node (e.g. ``--fsync never``).
         log_level: the nodes' ``--log-level``.
+        fault_injection: start the nodes with ``--fault-injection`` so that
+            :meth:`partition` can cut their Raft traffic (test builds only).
+        env: environment variables for every node, on top of this process's own (e.g. the
+            journal's ``RAFTCHAN_TEST_COMPACTION_PAUSE`` test aid). :meth:`set_node_env`
+            changes one node's for its next start.
 
     Node indexes in the API are 0-based positions in :attr:`names`. Methods are not
-    thread-safe. Network partitions are not built yet (see the section at the end).
+    thread-safe. Network partitions (:meth:`partition`, :meth:`isolate`, :meth:`heal`)
+    need ``fault_injection=True``, which starts the nodes with ``--fault-injection``.
     """
 
     def __init__(
@@ -113,6 +121,8 @@ class LocalCluster:
         tuning: RaftTuning | None = FAST_TUNING,
         extra_args: Sequence[str] = (),
         log_level: str = "INFO",
+        env: Mapping[str, str] | None = None,
+        fault_injection: bool = False,
     ) -> None:
         if n < 1:
             raise ValueError("a cluster needs at least one node")
@@ -134,9 +144,14 @@ class LocalCluster:
             )
             for i in range(n)
         ]
-        env = _node_environment()
+        self.fault_injection = fault_injection
+        self._cuts: dict[int, set[int]] = {}
+        if fault_injection:
+            extra_args = [*extra_args, "--fault-injection"]
+        node_env = _node_environment()
+        node_env.update(env or {})
         self.nodes = [
-            NodeProcess(spec, _node_command(spec, specs, tuning, extra_args, log_level), env)
+            NodeProcess(spec, _node_command(spec, specs, tuning, extra_args, log_level), node_env)
             for spec in specs
         ]
         # Nodes the harness stopped on purpose; any other node that is not running crashed.
@@ -186,6 +201,9 @@ class LocalCluster:
         for i in stopped:
             self.nodes[i].start()
             self._stopped.discard(i)
+        cut = [i for i in stopped if self._cuts.get(i)]
+        if cut:
+            self._apply_cuts(cut, 10.0)  # a partition outlives a restart
         return self
 
     def _check_ports_free(self, i: int) -> None:
@@ -298,6 +316,19 @@ class LocalCluster:
     def resume(self, i: int) -> None:
         """SIGCONT node ``i`` after :meth:`pause`."""
         self.nodes[i].resume()
+        if self.fault_injection:
+            self._apply_cuts([i], 10.0)  # the partition may have changed while it slept
+
+    def set_node_env(self, i: int, name: str, value: str | None) -> None:
+        """Set (or with ``None`` remove) one environment variable of node ``i``.
+
+        Takes effect at the node's next start: a running process keeps its environment.
+        Lets a test arm a fault hook on one node only, or disarm it before a restart.
+        """
+        if value is None:
+            self.nodes[i].env.pop(name, None)
+        else:
+            self.nodes[i].env[name] = value
 
     def restart(self, i: int, timeout: float = 10.0) -> None:
         """Start node ``i`` again on the same ports and data folder.
@@ -311,6 +342,8 @@ class LocalCluster:
         self._check_ports_free(i)
         node.start()
         self._stopped.discard(i)
+        if self._cuts.get(i):
+            self._apply_cuts([i], timeout)  # a partition outlives a restart
 
     def kill_all(self, timeout: float = 10.0) -> None:
         """SIGKILL every node at the same moment (a whole-cluster crash), then reap them.
@@ -379,12 +412,54 @@ class LocalCluster:
     # -------------------------------------------------------------------------------------
     # Network faults
     #
-    # Partitions are a separate piece of work and belong here, beside the process faults:
-    # partition(groups) / isolate(i) / heal(). Two shapes fit pysyncobj (a TCP proxy does
-    # not, since only one side of each pair dials): the replica transport's switch that
-    # drops traffic to chosen peers (test builds only), driven through a control hook the
-    # harness would pass in extra node arguments; or one network namespace per node.
+    # A TCP proxy does not fit pysyncobj (nodes know each other by address and only one
+    # side of each pair dials), so nodes started with ``fault_injection=True`` take
+    # "fault" requests on their client port that make the replica's transport drop every
+    # Raft message to chosen peers. A cut between two nodes is applied on both sides, so
+    # neither hears the other; clients still reach every node, as in a real partition.
 
+    def partition(self, groups: Sequence[Sequence[int]], timeout: float = 10.0) -> None:
+        """Cut Raft traffic between nodes in different ``groups`` (nodes left out of every
+        group form one more group). Replaces any earlier partition; :meth:`heal` ends it.
+
+        Needs ``fault_injection=True``. ``timeout`` bounds telling each running node.
+        """
+        if not self.fault_injection:
+            raise RuntimeError("partitions need LocalCluster(..., fault_injection=True)")
+        side: dict[int, int] = {}
+        for number, group in enumerate(groups):
+            for i in group:
+                side[i] = number
+        for i in range(self.size):
+            side.setdefault(i, len(groups))
+        self._cuts = {
+            i: {j for j in range(self.size) if side[j] != side[i]} for i in range(self.size)
+        }
+        self._apply_cuts(range(self.size), timeout)
+
+    def isolate(self, i: int, timeout: float = 10.0) -> None:
+        """Cut node ``i`` off from every other node (see :meth:`partition`)."""
+        self.partition([[i]], timeout)
+
+    def heal(self, timeout: float = 10.0) -> None:
+        """End every partition: all nodes hear each other again."""
+        if not self.fault_injection:
+            return
+        self._cuts = {}
+        self._apply_cuts(range(self.size), timeout)
+
+    @property
+    def cuts(self) -> dict[int, set[int]]:
+        """For each node, the nodes it cannot reach right now (empty when healed)."""
+        return {i: set(self._cuts.get(i, ())) for i in range(self.size)}
+
+    def _apply_cuts(self, nodes: Iterable[int], timeout: float) -> None:
+        for i in nodes:
+            node = self.nodes[i]
+            if not node.running or node.paused:
+                continue  # told again when it restarts; a paused node gets it on resume
+            block = [self.nodes[j].spec.raft_address for j in sorted(self._cuts.get(i, ()))]
+            send_fault(node.spec.client_address, block, timeout)
 
 def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -437,3 +512,41 @@ def _roles(names: Sequence[str], statuses: Sequence[Mapping[str, Any]]) -> str:
         f"{name}={status.get('role')}/term {status.get('term')}"
         for name, status in zip(names, statuses, strict=False)
     )
+
+
+def send_fault(address: str, block: Sequence[str], timeout: float) -> None:
+    """Tell the node at client ``address`` to drop its Raft traffic to ``block``.
+
+    Retries until the node answers (it may be starting up) or ``timeout`` passes, then
+    raises :class:`ClusterNotReady`.
+    """
+    host, port = split_address(address)
+    request = protocol.Fault(1, list(block)).to_wire()
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=2.0) as sock:
+                sock.sendall(protocol.encode_frame(protocol.hello_request()))
+                protocol.check_hello(_receive(sock))
+                sock.sendall(protocol.encode_frame(request))
+                answer = _receive(sock)
+            error = protocol.response_error(answer)
+            if error is None:
+                return
+            last = error
+        except (OSError, RaftchanError) as exc:
+            last = exc
+        time.sleep(_POLL_INTERVAL)
+    raise ClusterNotReady(f"node at {address} did not take the fault request: {last}")
+
+
+def _receive(sock: socket.socket) -> dict[str, Any]:
+    decoder = protocol.FrameDecoder()
+    while True:
+        for message in decoder.messages():
+            return message
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("the node closed the connection")
+        decoder.feed(data)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
+import raftchan
 from cluster.harness import LocalCluster, agreed_leader
 
 FAILOVER_TIMEOUT = 30.0
@@ -79,3 +81,40 @@ def test_agreed_leader_needs_a_majority_and_a_live_claim() -> None:
     assert agreed_leader(view(lead, ("candidate", None), ("follower", None)), 3) is None
     # The followers still name a leader that is gone.
     assert agreed_leader(view(("unreachable", None), follow, follow), 3) is None
+
+
+def test_partition_cuts_raft_traffic_and_heal_restores_it(tmp_path: Path) -> None:
+    local = LocalCluster(3, base_dir=tmp_path / "cluster", fault_injection=True)
+    try:
+        local.start()
+        old = local.wait_ready(timeout=READY_TIMEOUT)
+        local.isolate(old)
+        # The majority elects another leader; the isolated node cannot win any election.
+        deadline = time.monotonic() + FAILOVER_TIMEOUT
+        while True:
+            statuses = local.status()
+            others = [statuses[i] for i in range(3) if i != old]
+            leaders = [s["client_address"] for s in others if s["role"] == "leader"]
+            if leaders and all(s["leader"] == leaders[0] for s in others):
+                break
+            assert time.monotonic() < deadline, _roles_of(statuses)
+            time.sleep(0.1)
+        # Writes commit on the majority side while the isolated node hears nothing of them.
+        with raftchan.Client(leaders[0], timeout=30.0) as client:
+            assert client.channel("cut").put("while cut") == 0
+        isolated_position = local.status()[old]["position"]
+        majority_position = max(local.status()[i]["position"] for i in range(3) if i != old)
+        assert isolated_position < majority_position
+
+        local.heal()
+        deadline = time.monotonic() + READY_TIMEOUT
+        while len({s["position"] for s in local.status()}) != 1:
+            assert time.monotonic() < deadline, "the healed node did not catch up"
+            time.sleep(0.1)
+        assert_all_reachable(local)
+    finally:
+        local.close()
+
+
+def _roles_of(statuses: list[dict[str, object]]) -> str:
+    return ", ".join(f"{s.get('client_address')}={s.get('role')}" for s in statuses)
