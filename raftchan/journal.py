@@ -23,6 +23,14 @@ its CRC, or breaks that sequence, and the file is truncated there.
 
 Term, vote and commit index live next to the log in ``<path>.meta`` (a msgpack map),
 replaced atomically on every write.
+
+Test aid: when the environment variable ``RAFTCHAN_TEST_COMPACTION_PAUSE`` holds a number
+of seconds, every compaction (:meth:`DurableJournal.deleteEntriesTo`) logs the WARNING
+"compaction paused for tests" once the new journal is written and fsynced, then sleeps that
+long before renaming it into place. A fault test waits for that line and kills the node,
+which is otherwise a window of microseconds. It blocks pysyncobj's tick thread, so it has
+no place outside tests; other rewrites (creating the file, recovery, :meth:`clear`) never
+pause.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from raftchan.snapshot import Entry, SnapshotCorrupt, fsync_directory, read_snap
 __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
+    "TEST_PAUSE_ENV",
     "DurableJournal",
     "JournalCorrupt",
     "install_journal_factory",
@@ -315,7 +324,7 @@ class DurableJournal(pysyncobj.journal.Journal):
                 start,
                 self._entries[start][1] if start < len(self._entries) else "end",
             )
-            self._rewrite(self._entries[start:])
+            self._rewrite(self._entries[start:], test_pause=self._test_pause_before_replace)
 
     def clear(self) -> None:
         """Drop every entry, atomically (see :meth:`deleteEntriesTo`).
@@ -562,8 +571,12 @@ class DurableJournal(pysyncobj.journal.Journal):
         )
         self._rewrite(self._entries[pos:])
 
-    def _rewrite(self, entries: list[Entry]) -> None:
-        """Atomically replace the journal file with one holding exactly ``entries``."""
+    def _rewrite(self, entries: list[Entry], *, test_pause: float = 0.0) -> None:
+        """Atomically replace the journal file with one holding exactly ``entries``.
+
+        ``test_pause`` seconds are slept between writing the new file and renaming it (see
+        the test aid in the module docstring).
+        """
         tmp = self._path + ".tmp"
         chunks = [_HEADER_BYTES]
         offsets = []
@@ -580,16 +593,17 @@ class DurableJournal(pysyncobj.journal.Journal):
             self._fsync(fd)
         finally:
             os.close(fd)
-        if self._test_pause_before_replace > 0:
+        if test_pause > 0:
             # Test aid only: lets a fault test SIGKILL the node between writing the new
             # journal and swapping it in, the riskiest moment of a compaction.
             logger.warning(
-                "journal %s: pausing %.1f s before the compaction rename (%s is set)",
+                "journal %s: compaction paused for tests, %.1f s before the rename (%s=%s)",
                 self._path,
-                self._test_pause_before_replace,
+                test_pause,
                 TEST_PAUSE_ENV,
+                os.environ.get(TEST_PAUSE_ENV),
             )
-            time.sleep(self._test_pause_before_replace)
+            time.sleep(test_pause)
         os.replace(tmp, self._path)
         self._fsync_dir()
 
@@ -697,9 +711,14 @@ TEST_PAUSE_ENV = "RAFTCHAN_TEST_COMPACTION_PAUSE"
 
 
 def _test_pause_from_env() -> float:
+    raw = os.environ.get(TEST_PAUSE_ENV)
+    if not raw:
+        return 0.0
     try:
-        return max(0.0, float(os.environ.get(TEST_PAUSE_ENV, "0")))
+        return max(0.0, float(raw))
     except ValueError:
+        # Say so: a test waiting for the pause would otherwise just time out, unexplained.
+        logger.warning("ignoring %s=%r: not a number of seconds", TEST_PAUSE_ENV, raw)
         return 0.0
 
 
