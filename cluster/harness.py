@@ -528,9 +528,9 @@ def send_fault(address: str, block: Sequence[str], timeout: float) -> None:
         try:
             with socket.create_connection((host, port), timeout=2.0) as sock:
                 sock.sendall(protocol.encode_frame(protocol.hello_request()))
-                protocol.check_hello(_receive(sock))
+                protocol.check_hello(receive_message(sock))
                 sock.sendall(protocol.encode_frame(request))
-                answer = _receive(sock)
+                answer = receive_message(sock)
             error = protocol.response_error(answer)
             if error is None:
                 return
@@ -541,7 +541,8 @@ def send_fault(address: str, block: Sequence[str], timeout: float) -> None:
     raise ClusterNotReady(f"node at {address} did not take the fault request: {last}")
 
 
-def _receive(sock: socket.socket) -> dict[str, Any]:
+def receive_message(sock: socket.socket) -> dict[str, Any]:
+    """Read one frame from a blocking socket (bounded by the socket's own timeout)."""
     decoder = protocol.FrameDecoder()
     while True:
         for message in decoder.messages():
