@@ -1,0 +1,67 @@
+"""The operator tools (`status`, `append`, `tail`) as subprocesses against a real cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+from cluster.harness import LocalCluster
+
+#: Bounds one command, including its connects and retries.
+COMMAND_TIMEOUT = 60.0
+
+
+def raftchan_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "raftchan", *args],
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def status_json(cluster: LocalCluster) -> dict[str, Any]:
+    done = raftchan_cli("status", "--json", "--address", cluster.addresses)
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout))
+
+
+def test_status_json_names_the_leader_and_marks_unreachable_nodes(cluster: LocalCluster) -> None:
+    leader = cluster.leader()
+    assert leader is not None
+    status = status_json(cluster)
+    assert status["leader"] == cluster.client_addresses[leader]
+    nodes = status["nodes"]
+    assert [node["client_address"] for node in nodes] == cluster.client_addresses
+    assert sorted(node["role"] for node in nodes) == ["follower", "follower", "leader"]
+    for node in nodes:
+        assert {"name", "role", "term", "commit_index", "applied_index"} <= node.keys()
+
+    follower = (leader + 1) % cluster.size
+    cluster.kill(follower)
+    nodes = status_json(cluster)["nodes"]
+    assert nodes[follower]["role"] == "unreachable"
+    assert [n["role"] for i, n in enumerate(nodes) if i != follower].count("leader") == 1
+
+
+def test_append_then_tail_prints_the_items_as_json(cluster: LocalCluster) -> None:
+    done = raftchan_cli("append", "--address", cluster.addresses, "notes", "one", "two")
+    assert done.returncode == 0, done.stderr
+    done = raftchan_cli(
+        "append", "--address", cluster.addresses, "--json-values", "notes", '{"x": 1}', "[2, 3]"
+    )
+    assert done.returncode == 0, done.stderr
+
+    done = raftchan_cli("tail", "--address", cluster.addresses, "notes")
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line) for line in done.stdout.splitlines()] == [
+        "one",
+        "two",
+        {"x": 1},
+        [2, 3],
+    ]
+    done = raftchan_cli("tail", "--address", cluster.addresses, "--from", "2", "notes")
+    assert [json.loads(line) for line in done.stdout.splitlines()] == [{"x": 1}, [2, 3]]
