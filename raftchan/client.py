@@ -33,14 +33,17 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, S
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+import msgpack
+
 from raftchan import protocol
-from raftchan.codec import ItemCodec
+from raftchan.codec import Encoded, ItemCodec
 from raftchan.config import parse_addresses, split_address
 from raftchan.errors import (
     ChannelNotFound,
     ChannelStopped,
     Closed,
     CommitUnknown,
+    FutureLost,
     NoLeader,
     NotLeader,
     ProtocolError,
@@ -262,6 +265,10 @@ class _Item:
     channel: str
     data: bytes
     sent: bool = False  # sent at least once under the current session
+    keys: tuple[bytes, ...] = ()  # future keys the item references (see codec.Encoded)
+    # The referenced objects (Dask futures): the writer's own references keep them alive
+    # on the scheduler until the cluster has answered, i.e. confirmed its own pin.
+    refs: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -280,6 +287,13 @@ class _Batch:
     @property
     def payload(self) -> list[bytes]:
         return [item.data for item in self.items]
+
+    @property
+    def keys(self) -> list[list[bytes]] | None:
+        """Per item, the future keys it references; ``None`` when no item references any."""
+        if not any(item.keys for item in self.items):
+            return None
+        return [list(item.keys) for item in self.items]
 
 
 class _Outbox:
@@ -321,11 +335,17 @@ class _Outbox:
     def pending(self) -> int:
         return len(self._pending)
 
-    def add(self, channel: str, datas: Iterable[bytes]) -> int:
+    def add(self, channel: str, datas: Iterable[bytes | Encoded]) -> int:
         """Queue encoded items for ``channel``; return the ticket of the last one."""
         for data in datas:
             self._last_ticket += 1
-            item = _Item(self._last_ticket, self._next_seq, channel, data)
+            if isinstance(data, Encoded):
+                item = _Item(
+                    self._last_ticket, self._next_seq, channel, data.data,
+                    keys=data.keys, refs=data.refs,
+                )
+            else:
+                item = _Item(self._last_ticket, self._next_seq, channel, data)
             self._next_seq += 1
             self._pending[item.ticket] = item
             self._unsent.append(item)
@@ -374,13 +394,35 @@ class _Outbox:
 
     # -- answers -------------------------------------------------------------------------
 
-    def acknowledge(self, batch: _Batch, indexes: Sequence[int] = ()) -> None:
-        """The batch is stored (or was stored before: a repeat) at ``indexes``."""
+    def acknowledge(
+        self, batch: _Batch, indexes: Sequence[int] = (), lost: Sequence[bytes] = ()
+    ) -> None:
+        """The batch is stored (or was stored before: a repeat) at ``indexes``.
+
+        ``lost``: future keys of the batch the Dask scheduler did not know when the leader
+        pinned them. The items are stored all the same; the next ``flush`` covering them
+        raises :class:`FutureLost` naming those keys.
+        """
+        answered: list[_Item] = []
         for position, item in enumerate(batch.items):
             if self._pending.pop(item.ticket, None) is None:
                 continue
+            answered.append(item)
             if item.ticket in self.watched and position < len(indexes):
                 self.indexes[item.ticket] = indexes[position]
+        if lost and answered:
+            names = ", ".join(_key_repr(key) for key in lost)
+            self._errors.append(
+                (
+                    answered[0].ticket,
+                    FutureLost(
+                        f"appended to {batch.channel!r}, but the Dask scheduler did not know "
+                        f"the future(s) {names}: stored and marked lost",
+                        channel=batch.channel,
+                        keys=[_key_repr(key) for key in lost],
+                    ),
+                )
+            )
 
     def refuse(self, batch: _Batch, error: RaftchanError) -> None:
         """The cluster refused the batch for a reason that a retry would not change."""
@@ -464,6 +506,15 @@ class _Outbox:
 
 # ---------------------------------------------------------------------------------------
 # One connection
+
+
+def _key_repr(key: bytes) -> str:
+    """A future key (as carried in an append) in the form Dask prints it."""
+    try:
+        decoded = msgpack.unpackb(key, raw=False)
+    except Exception:
+        return repr(key)
+    return repr(decoded)
 
 
 class _ConnectionLost(CommitUnknown):
@@ -647,6 +698,17 @@ def _parse(cls: type[_T], message: dict[str, Any]) -> _T:
 # The client
 
 
+def default_codec(max_item_bytes: int | None, dask_client: Any = None) -> ItemCodec:
+    """The Dask-aware codec when ``distributed`` can be imported, else the plain one."""
+    try:
+        from raftchan.dask import DaskCodec
+    except ImportError:
+        if dask_client is not None:
+            raise
+        return ItemCodec(max_item_bytes=max_item_bytes)
+    return DaskCodec(dask_client, max_item_bytes=max_item_bytes)
+
+
 class AsyncClient:
     """A client of one raftchan cluster, for use on one asyncio event loop.
 
@@ -657,7 +719,11 @@ class AsyncClient:
         timeout: default overall deadline of each operation in seconds (``retry.timeout``,
             30 s, if not given).
         retry: backoff and attempt timeouts; see :class:`RetryPolicy`.
-        codec: turns items into bytes and back (a subclass may add types).
+        codec: turns items into bytes and back (a subclass may add types). Default: the
+            codec of :mod:`raftchan.dask` when ``distributed`` is installed (Dask futures
+            are stored by key and kept alive), else the plain msgpack codec.
+        dask_client: the Dask client that futures read from channels are bound to
+            (default: ``distributed.get_client()`` at read time). Ignored with ``codec``.
         limits: the cluster's limits as this client assumes them (batch sizes, item size).
         max_in_flight: append requests sent but not yet answered, at most.
         poll_wait: seconds a node may hold one poll of an iteration before answering empty.
@@ -676,13 +742,14 @@ class AsyncClient:
         limits: Limits = DEFAULT_LIMITS,
         max_in_flight: int = 8,
         poll_wait: float = 5.0,
+        dask_client: Any = None,
     ) -> None:
         retry = retry or RetryPolicy()
         self.retry = retry if timeout is None else replace(retry, timeout=timeout)
         self.addresses = parse_addresses(
             address if isinstance(address, (str, type(None))) else list(address)
         )
-        self.codec = codec or ItemCodec(max_item_bytes=limits.max_item_bytes)
+        self.codec = codec or default_codec(limits.max_item_bytes, dask_client)
         self.limits = limits
         self.max_in_flight = max_in_flight
         self.poll_wait = min(poll_wait, limits.max_poll_wait)
@@ -702,6 +769,7 @@ class AsyncClient:
         self._sender_wake = asyncio.Event()
         self._sender_backoff = Backoff(self.retry)
         self._resend_at = 0.0
+        self._followed_hint: str | None = None
         self._in_flight = 0
         #: Channels known to be stopped (a refusal, a stop, or a response saying so).
         self._stopped: set[str] = set()
@@ -818,14 +886,18 @@ class AsyncClient:
         if datas:
             self._enqueue(channel, datas)
 
-    def _prepare(self, channel: str, items: Iterable[Any]) -> list[bytes]:
-        """Check an append may go ahead and encode its items; safe from any thread."""
+    def _prepare(self, channel: str, items: Iterable[Any]) -> list[Encoded]:
+        """Check an append may go ahead and encode its items; safe from any thread.
+
+        A codec that handles Dask futures pins them here, on the writer's own Dask
+        connection, before the append can reach the cluster.
+        """
         self._check_open()
         if channel in self._stopped:
             raise ChannelStopped(f"channel {channel!r} is stopped", channel=channel)
-        return [self.codec.encode(item) for item in items]
+        return self.codec.encode_items(channel, items)
 
-    def _enqueue(self, channel: str, datas: list[bytes]) -> int:
+    def _enqueue(self, channel: str, datas: list[Encoded]) -> int:
         """Queue encoded items (on the loop's thread), wake the sender; the last ticket."""
         self._check_open()
         ticket = self._outbox.add(channel, datas)
@@ -892,7 +964,7 @@ class AsyncClient:
                 raise ProtocolError(f"asked for index {next_index}, got items from {page.first}")
             if page.items:
                 next_index += len(page.items)
-                yield [self.codec.decode(data) for data in page.items]
+                yield self.codec.decode_items(page.items)
             if page.stopped and next_index >= page.next:
                 return
             poll = protocol.Poll(0, channel, next_index, self._position, self.poll_wait)
@@ -958,7 +1030,7 @@ class AsyncClient:
         backoff = Backoff(self.retry)
         uncertain = False  # some attempt may have been executed
         last: BaseException | None = None
-        redirected = False
+        followed: str | None = None  # the last leader hint this call went to at once
         link = self._poll_link if any_node else self._link
         while True:
             self._check_open()
@@ -982,8 +1054,10 @@ class AsyncClient:
             uncertain = uncertain or isinstance(error, CommitUnknown)
             hint = error.leader if isinstance(error, NotLeader) and not any_node else None
             link.abandon(conn, hint)
-            if hint is not None and hint != conn.address and not redirected:
-                redirected = True  # follow a fresh hint at once; back off if it repeats
+            if hint is not None and hint != conn.address and hint != followed:
+                # A new hint is news (an election ended): go there at once. The same
+                # hint again means it is stale (that leader is gone): back off.
+                followed = hint
                 continue
             delay = min(backoff.next_delay(), self._remaining(deadline))
             logger.debug("%s: retrying in %.2fs after %s", request.TYPE, delay, error)
@@ -1027,7 +1101,9 @@ class AsyncClient:
             batch = self._outbox.next_batch(self.limits.max_batch_items, max_bytes)
             if batch is None:
                 return
-            request = protocol.Append(0, batch.channel, batch.session, batch.seq, batch.payload)
+            request = protocol.Append(
+                0, batch.channel, batch.session, batch.seq, batch.payload, batch.keys
+            )
             future = conn.send(request, self.retry.attempt_timeout)
             self._in_flight += 1
             future.add_done_callback(functools.partial(self._on_append_answer, batch, conn))
@@ -1039,7 +1115,8 @@ class AsyncClient:
             self._in_flight -= 1
         error = _outcome(future)
         if not isinstance(error, RaftchanError):
-            self._outbox.acknowledge(batch, error.get("indexes") or ())
+            lost = error.get("lost") or ()
+            self._outbox.acknowledge(batch, error.get("indexes") or (), lost)
             self._sender_backoff.reset()
         elif isinstance(error, Closed):
             return
@@ -1070,8 +1147,11 @@ class AsyncClient:
         self._outbox.rewind()
         self._in_flight = 0
         delay = self._sender_backoff.next_delay()
-        if hint is not None and self._sender_backoff.attempt == 1:
-            delay = 0.0  # follow a fresh leader hint at once; back off if hints repeat
+        if hint is not None and hint != self._followed_hint:
+            # A hint not followed yet is news (an election ended): go there at once. The
+            # same hint again means it is stale (that leader is gone): back off.
+            self._followed_hint = hint
+            delay = 0.0
         self._resend_at = asyncio.get_running_loop().time() + delay
         logger.debug("re-sending %d appends after %s", self._outbox.pending, error)
 
@@ -1250,7 +1330,7 @@ class AsyncChannel:
         than the oldest retained item.
         """
         stored = await self._client._read(self.name, start, end, timeout)
-        return [self._client.codec.decode(data) for data in stored]
+        return self._client.codec.decode_items(stored)
 
     async def iterate(self, start: int | None = None) -> AsyncIterator[Any]:
         """Items from ``start`` (default: the oldest retained), then new ones as they come.
