@@ -341,8 +341,12 @@ class _Outbox:
             self._last_ticket += 1
             if isinstance(data, Encoded):
                 item = _Item(
-                    self._last_ticket, self._next_seq, channel, data.data,
-                    keys=data.keys, refs=data.refs,
+                    self._last_ticket,
+                    self._next_seq,
+                    channel,
+                    data.data,
+                    keys=data.keys,
+                    refs=data.refs,
                 )
             else:
                 item = _Item(self._last_ticket, self._next_seq, channel, data)

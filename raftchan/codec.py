@@ -9,18 +9,40 @@ made them. So everything about an item's encoding lives here, on the client side
 object). The clients take a codec as a parameter, so such a subclass plugs in without
 touching the client.
 
+Items may hold references to outside objects that must stay alive while a channel holds
+them (Dask futures). :meth:`ItemCodec.encode_items` therefore returns :class:`Encoded`
+records: the bytes, the keys of those references (sent with the append so the cluster can
+count them) and the objects themselves (which the client keeps until the append is
+answered). :meth:`ItemCodec.decode_items` decodes a whole page at once, so a subclass can
+do one round trip per page instead of one per item.
+
 Round trip: msgpack has no tuple, so tuples come back as lists; ``bytes`` stay ``bytes``
 and ``str`` stays ``str`` (``use_bin_type=True`` / ``raw=False``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
 from raftchan.errors import ItemNotEncodable, LimitExceeded, ProtocolError
 from raftchan.limits import DEFAULT_LIMITS
+
+
+@dataclass(frozen=True, eq=False)
+class Encoded:
+    """One encoded item: its bytes, the keys it references, and the objects behind them.
+
+    ``keys`` travel with the append (each an opaque ``bytes``); ``refs`` never leave the
+    client: holding them until the append is answered keeps the referenced objects alive.
+    """
+
+    data: bytes
+    keys: tuple[bytes, ...] = ()
+    refs: tuple[Any, ...] = ()
 
 
 class ItemCodec:
@@ -72,6 +94,17 @@ class ItemCodec:
                 size=len(data),
             )
         return data
+
+    def encode_items(self, channel: str, items: Iterable[Any]) -> list[Encoded]:
+        """Encode the items of one append to ``channel``; all or none (errors as :meth:`encode`).
+
+        The base codec knows no referenced objects: every record has empty keys and refs.
+        """
+        return [Encoded(self.encode(item)) for item in items]
+
+    def decode_items(self, datas: Iterable[bytes]) -> list[Any]:
+        """Decode the stored items of one response (errors as :meth:`decode`)."""
+        return [self.decode(data) for data in datas]
 
     def decode(self, data: bytes) -> Any:
         """The item stored as ``data``; :class:`ProtocolError` if it is not msgpack."""

@@ -131,13 +131,23 @@ class TrimmedGap(RaftchanError):
 
 
 class FutureLost(RaftchanError):
-    """A Dask future in a channel no longer has its data on the scheduler."""
+    """A Dask future in a channel is unknown to the Dask scheduler; its result is gone.
+
+    Raised by ``Future.result()`` of a future read from a channel (``details['key']``), and
+    by ``flush`` when the leader found a just-appended key unknown (``details['keys']``; the
+    items are stored all the same, marked lost). Waiting will not bring the data back; the
+    task must be submitted again.
+    """
 
     code = "future_lost"
 
 
-class DaskUnavailable(RaftchanError):
-    """The leader could not reach its Dask scheduler to pin a future; nothing was appended."""
+class DaskUnavailable(CommitUnknown):
+    """The leader could not confirm a future's pin with its Dask scheduler in time.
+
+    The append may already be stored; re-sending it is safe (it is de-duplicated), and the
+    client does so until its deadline, after which ``flush`` raises :class:`Timeout`.
+    """
 
     code = "dask_unavailable"
 

@@ -30,7 +30,8 @@ Request types and their fields (see each dataclass below):
 type            fields                                      ok-response fields
 ==============  ==========================================  ===============================
 open            channel, maxlen (int or nil)                ChannelInfo fields
-append          channel, session (bin 16), seq, items       indexes (list of int or nil)
+append          channel, session (bin 16), seq, items,      indexes (list of int or nil),
+                [keys (list of list of bin, optional)]      [lost (list of bin)]
 info            channel                                     ChannelInfo fields
 read            channel, start (int or nil), end (int/nil)  ReadResult fields
 poll            channel, start, min_position, wait          ReadResult fields
@@ -192,6 +193,11 @@ class Append(Request):
 
     ``(session, seq)`` identifies each item for de-duplication: a repeat is not stored
     again and answers the index of its first append.
+
+    ``keys`` (optional; omitted on the wire when ``None``) lists, per item, the Dask future
+    keys the item holds, each the msgpack encoding of the key. The leader confirms their
+    pins on the Dask scheduler before it answers; the answer's ``lost`` lists the keys the
+    scheduler did not know (stored, but marked lost).
     """
 
     TYPE: ClassVar[str] = "append"
@@ -199,6 +205,13 @@ class Append(Request):
     session: bytes = b""
     seq: int = 0
     items: list[bytes] = field(default_factory=list)
+    keys: list[list[bytes]] | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        message = super().to_wire()
+        if self.keys is None:
+            del message["keys"]
+        return message
 
 
 @dataclass(frozen=True)
@@ -283,7 +296,10 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "min_position": (int,),
     "wait": (int, float),
     "block": (list,),
+    "keys": (list, type(None)),
 }
+#: Fields a request may leave out; they then take their dataclass default.
+_OPTIONAL_FIELDS = frozenset({("append", "keys")})
 # Where one request type is stricter than the table above: a poll needs a start index.
 _REQUEST_FIELD_TYPES: dict[tuple[str, str], tuple[type, ...]] = {
     ("poll", "start"): (int,),
@@ -322,6 +338,8 @@ def parse_request(message: dict[str, Any], limits: Any = DEFAULT_LIMITS) -> Requ
     values: dict[str, Any] = {"id": request_id}
     for f in fields(cls):
         if f.name == "id":
+            continue
+        if f.name not in message and (cls.TYPE, f.name) in _OPTIONAL_FIELDS:
             continue
         if f.name not in message:
             raise RequestInvalid(f"{kind}: missing field {f.name!r}", id=request_id)
@@ -380,6 +398,17 @@ def parse_request(message: dict[str, Any], limits: Any = DEFAULT_LIMITS) -> Requ
                     size=len(item),
                 )
         values["items"] = list(items)
+    keys = values.get("keys")
+    if keys is not None and (
+        len(keys) != len(values["items"])
+        or not all(
+            isinstance(item_keys, list) and all(isinstance(k, bytes) for k in item_keys)
+            for item_keys in keys
+        )
+    ):
+        raise RequestInvalid(
+            "append: 'keys' must hold one list of bin keys per item", id=request_id
+        )
     return cls(**values)
 
 

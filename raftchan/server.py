@@ -34,6 +34,12 @@ logger = logging.getLogger(__name__)
 
 #: How often a node checks that the replicated state knows its client address.
 REGISTER_INTERVAL = 1.0
+#: How long a Dask key unknown to the scheduler is waited for before it counts as lost.
+CONFIRM_WAIT = 3.0
+#: Bounds the leader's wait for its keeper to confirm an append's future pins; past it the
+#: client gets DaskUnavailable (retryable: the re-send is de-duplicated and asks again).
+#: Below the client's default attempt timeout, so the client hears why.
+CONFIRM_TIMEOUT = 6.0
 #: Bytes of a read response spent on framing and fields besides the items.
 _RESPONSE_OVERHEAD = 4096
 
@@ -60,6 +66,19 @@ class NodeServer:
         self._connections: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
         self._was_leader = False
+        self.keeper: Any = None
+        if config.dask_scheduler:
+            # Imported only here: a node without a Dask scheduler never imports distributed.
+            from raftchan.keeper import Keeper
+
+            self.keeper = Keeper(
+                config.dask_scheduler,
+                pinned_keys=self._pinned_keys,
+                unreferenced=self._unreferenced,
+                mark_lost=self._mark_lost,
+                is_ready=lambda: self.replica.is_ready,
+                confirm_wait=CONFIRM_WAIT,
+            )
         #: Long polls this node answered (with items or a timely empty answer).
         self.polls_answered = 0
         #: Set when the node must stop; ``fatal`` then says why (None for a clean stop).
@@ -74,6 +93,9 @@ class NodeServer:
             self._serve_connection, host, port, reuse_address=True, limit=2**20
         )
         self._background.append(asyncio.create_task(self._register_loop()))
+        if self.keeper is not None:
+            self.keeper.start()
+            self.keeper.set_leader(self.replica.is_leader)
         logger.info(
             "node %s ready: client=%s raft=%s",
             self.config.name,
@@ -90,6 +112,8 @@ class NodeServer:
             with contextlib.suppress(BaseException):
                 await task
         self.committer.fail_pending(CommitUnknown("node is shutting down"))
+        if self.keeper is not None:
+            await self.keeper.close()
         await asyncio.to_thread(self.replica.close)
         logger.info("node %s stopped", self.config.name)
 
@@ -111,6 +135,27 @@ class NodeServer:
             # ones not yet handed to Raft are failed here, as certainly not applied.
             self.committer.fail_pending(NotLeader(leader=self.replica.leader_client_address()))
         self._was_leader = leading
+        if self.keeper is not None:
+            self.keeper.set_leader(leading)
+
+    # -- the keeper's view of the state (on the loop) -------------------------------------
+
+    def _pinned_keys(self) -> dict[str, list[bytes]]:
+        with self.replica.lock:
+            return self.replica.state.pinned_keys()
+
+    def _unreferenced(self, channel: str, keys: list[bytes]) -> list[bytes]:
+        with self.replica.lock:
+            return self.replica.state.unreferenced(channel, keys)
+
+    def _mark_lost(self, channel: str, keys: list[bytes]) -> None:
+        task = asyncio.ensure_future(self._commit(["lost", channel, keys]))
+        task.add_done_callback(_log_lost_failure)
+
+    def _release(self, channel: str, result: Result) -> None:
+        released = result.get("released")
+        if released and self.keeper is not None:
+            self.keeper.release(channel, released)
 
     async def _register_loop(self) -> None:
         """Make sure the replicated state maps this node's Raft address to its client address.
@@ -212,8 +257,9 @@ class NodeServer:
     async def _dispatch(self, request: protocol.Request) -> dict[str, Any]:
         rid = request.id
         if isinstance(request, protocol.Status):
+            keeper = {} if self.keeper is None else self.keeper.status()
             return protocol.ok_response(
-                rid, **self.replica.status(), polls_answered=self.polls_answered
+                rid, **self.replica.status(), **keeper, polls_answered=self.polls_answered
             )
         if isinstance(request, protocol.Poll):
             return protocol.ok_response(rid, **await self._poll(request))
@@ -225,19 +271,17 @@ class NodeServer:
             return protocol.ok_response(rid)
         self._require_leader()
         if isinstance(request, protocol.Append):
-            op = ["append", request.channel, request.session, request.seq, request.items]
-            result = await self._commit(op, sum(len(i) for i in request.items))
-            return protocol.ok_response(
-                rid, indexes=result["indexes"], duplicate=result["duplicate"]
-            )
+            return await self._append(request)
         if isinstance(request, protocol.Open):
             result = await self._commit(["open", request.channel, request.maxlen])
+            self._release(request.channel, result)
             return protocol.ok_response(rid, **_without_ok(result))
         if isinstance(request, protocol.Stop):
             result = await self._commit(["stop", request.channel])
             return protocol.ok_response(rid, **_without_ok(result))
         if isinstance(request, protocol.Delete):
-            await self._commit(["delete", request.channel])
+            result = await self._commit(["delete", request.channel])
+            self._release(request.channel, result)
             return protocol.ok_response(rid)
         if isinstance(request, protocol.EndSession):
             await self._commit(["end_session", request.session])
@@ -259,6 +303,32 @@ class NodeServer:
         raise AssertionError(f"unhandled request type {request.TYPE}")
 
     # -- writes and linearizable reads ---------------------------------------------------
+
+    async def _append(self, request: protocol.Append) -> dict[str, Any]:
+        """Commit an append; if it holds Dask futures, answer only once their pins are confirmed.
+
+        The answer's ``lost`` lists keys the scheduler did not know: they are stored and
+        marked lost in the channel.
+        """
+        op: list[Any] = ["append", request.channel, request.session, request.seq, request.items]
+        if request.keys is not None:
+            if self.keeper is None:
+                raise RequestInvalid(
+                    "this cluster keeps no Dask futures: its nodes run without --dask-scheduler"
+                )
+            op.append(request.keys)
+        result = await self._commit(op, sum(len(i) for i in request.items))
+        self._release(request.channel, result)
+        fields: dict[str, Any] = {"indexes": result["indexes"], "duplicate": result["duplicate"]}
+        if request.keys and self.keeper is not None:
+            keys = list(dict.fromkeys(key for item_keys in request.keys for key in item_keys))
+            if keys:
+                lost = await self.keeper.confirm(request.channel, keys, CONFIRM_TIMEOUT)
+                if lost:
+                    with contextlib.suppress(RaftchanError):  # e.g. deleted meanwhile
+                        await self._commit(["lost", request.channel, lost])
+                    fields["lost"] = lost
+        return protocol.ok_response(request.id, **fields)
 
     def _require_leader(self) -> None:
         if not self.replica.is_leader:
@@ -335,7 +405,12 @@ class NodeServer:
 
 
 def _without_ok(result: Result) -> dict[str, Any]:
-    return {k: v for k, v in result.items() if k != "ok"}
+    return {k: v for k, v in result.items() if k not in ("ok", "released")}
+
+
+def _log_lost_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("could not mark future keys lost: %s", task.exception())
 
 
 def _single_op_command(op: list[Any], limits: Any) -> bytes:

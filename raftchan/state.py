@@ -15,20 +15,30 @@ empty ``ops`` list is a read barrier: applying it proves the leader still led wh
 entry committed. Operations:
 
 - ``["open", channel, maxlen]`` create if missing; set maxlen (``None`` = unbounded).
-- ``["append", channel, session, seq, [item, ...]]`` append items with sequence numbers
-  ``seq, seq+1, ...``; items already applied for that session answer their first index.
+- ``["append", channel, session, seq, [item, ...]]`` or
+  ``["append", channel, session, seq, [item, ...], [[key, ...], ...]]`` append items with
+  sequence numbers ``seq, seq+1, ...``; items already applied for that session answer
+  their first index. The optional last list gives, per item, the Dask future keys it
+  holds (each key an opaque ``bytes``, the msgpack encoding of the Dask key); the state
+  counts references to each key per channel, so it can say when a key is no longer
+  referenced (trim, delete) and must be released on the Dask scheduler.
   An append refused by the channel (``channel_not_found``, ``channel_stopped``) still
   consumes its sequence numbers, so the session's next append is not a gap; a retry of a
   refused range answers the same refusal again, never a silent duplicate.
 - ``["stop", channel]`` set the stop marker (idempotent).
 - ``["delete", channel]`` remove the channel and its items.
+- ``["lost", channel, [key, ...]]`` record keys the Dask scheduler did not know when the
+  leader pinned them; they stay in the items (readers get ``FutureLost``) but are no
+  longer re-pinned. Keys the channel does not reference are ignored.
 - ``["end_session", session]`` forget a session's de-duplication record.
 - ``["node", name, raft_address, client_address]`` record a node's client address, so any
   node can point a client at the leader.
 
 Results (one per op) are dicts: ``{"ok": True, ...}`` or
 ``{"ok": False, "code": CODE, "message": STR, "details": {...}}`` with codes from
-:mod:`raftchan.errors`.
+:mod:`raftchan.errors`. An ``open``, ``append`` or ``delete`` whose trimming or removal
+left future keys unreferenced in that channel adds ``"released": [key, ...]`` to its
+result; the leader's keeper releases those keys on the Dask scheduler.
 """
 
 from __future__ import annotations
@@ -41,7 +51,8 @@ from typing import Any
 import msgpack
 
 COMMAND_VERSION = 1
-SNAPSHOT_VERSION = 1
+#: 2 added each channel's future keys and lost keys; version 1 snapshots still load.
+SNAPSHOT_VERSION = 2
 
 #: How many recent append ranges (applied or refused) a session remembers with their
 #: outcome. A retry of an older range is still recognised as a repeat (by its sequence
@@ -73,6 +84,12 @@ class Channel:
     first: int = 0
     items: list[bytes] = field(default_factory=list)
     offset: int = 0
+    #: Future keys held by retained items, by absolute index (only items that hold any).
+    keys: dict[int, list[bytes]] = field(default_factory=dict)
+    #: How many retained items reference each key.
+    refs: dict[bytes, int] = field(default_factory=dict)
+    #: Referenced keys the Dask scheduler did not know when they were pinned.
+    lost: set[bytes] = field(default_factory=set)
 
     @property
     def next(self) -> int:
@@ -90,24 +107,51 @@ class Channel:
         base = self.offset - self.first
         return self.items[start + base : end + base]
 
-    def extend(self, items: list[bytes]) -> int:
-        """Append items, trim to maxlen; return the index of the first appended."""
+    def extend(self, items: list[bytes], keys: list[list[bytes]] | None = None) -> list[bytes]:
+        """Append items (with their future keys), trim to maxlen; return released keys.
+
+        The index of the first appended item is ``next`` before the call.
+        """
         index = self.next
         self.items.extend(items)
-        self.trim()
-        return index
+        if keys:
+            for offset, item_keys in enumerate(keys):
+                if item_keys:
+                    self.keys[index + offset] = item_keys
+                    for key in item_keys:
+                        self.refs[key] = self.refs.get(key, 0) + 1
+        return self.trim()
 
-    def trim(self) -> int:
-        """Drop the oldest items beyond maxlen; return how many were dropped."""
+    def trim(self) -> list[bytes]:
+        """Drop the oldest items beyond maxlen; return the keys no retained item references."""
         if self.maxlen is None or len(self) <= self.maxlen:
-            return 0
+            return []
         dropped = len(self) - self.maxlen
+        released = self._unreference(self.first, self.first + dropped) if self.keys else []
         self.offset += dropped
         self.first += dropped
         if self.offset > len(self.items) // 2:
             del self.items[: self.offset]
             self.offset = 0
-        return dropped
+        return released
+
+    def _unreference(self, start: int, end: int) -> list[bytes]:
+        released: list[bytes] = []
+        # Walk whichever is smaller: the dropped range or the items holding keys.
+        if end - start <= len(self.keys):
+            indexes = [i for i in range(start, end) if i in self.keys]
+        else:
+            indexes = sorted(i for i in self.keys if start <= i < end)
+        for index in indexes:
+            for key in self.keys.pop(index):
+                count = self.refs[key] - 1
+                if count:
+                    self.refs[key] = count
+                else:
+                    del self.refs[key]
+                    self.lost.discard(key)
+                    released.append(key)
+        return released
 
 
 @dataclass
@@ -179,6 +223,7 @@ class ChannelState:
             "delete": self._delete,
             "end_session": self._end_session,
             "node": self._node,
+            "lost": self._lost,
         }
         self._limits = (10_000, 10_000)
 
@@ -232,10 +277,19 @@ class ChannelState:
             channel = self.channels[name] = Channel(maxlen=maxlen)
         else:
             channel.maxlen = maxlen
-            channel.trim()
+            released = channel.trim()
+            if released:
+                return ok(**self.info(name), released=released)
         return ok(**self.info(name))
 
-    def _append(self, name: str, session_id: bytes, seq: int, items: list[bytes]) -> Result:
+    def _append(
+        self,
+        name: str,
+        session_id: bytes,
+        seq: int,
+        items: list[bytes],
+        keys: list[list[bytes]] | None = None,
+    ) -> Result:
         if (
             not _is_name(name)
             or not isinstance(session_id, bytes)
@@ -244,6 +298,7 @@ class ChannelState:
             or not isinstance(items, list)
             or not items
             or not all(isinstance(item, bytes) for item in items)
+            or not _are_keys(keys, len(items))
         ):
             return error("invalid_request", "malformed append op")
         session = self.sessions.get(session_id)
@@ -286,12 +341,15 @@ class ChannelState:
             self._touch(session_id, session)
             return _refusal(*refused)
         indexes = session.indexes_of(seq, skip) if skip else []
-        first_index = channel.extend(items[skip:])
+        first_index = channel.next
+        released = channel.extend(items[skip:], keys[skip:] if keys else None)
         applied = count - skip
         session.last_seq = seq + count - 1
         session.ranges.append((seq + skip, applied, name, first_index, None))
         self._touch(session_id, session)
         indexes.extend(range(first_index, first_index + applied))
+        if released:
+            return ok(indexes=indexes, duplicate=False, released=released)
         return ok(indexes=indexes, duplicate=False)
 
     def _touch(self, session_id: bytes, session: Session) -> None:
@@ -312,9 +370,22 @@ class ChannelState:
     def _delete(self, name: str) -> Result:
         if not _is_name(name):
             return error("invalid_request", "delete needs a channel name")
-        if self.channels.pop(name, None) is None:
+        channel = self.channels.pop(name, None)
+        if channel is None:
             return error("channel_not_found", f"channel {name!r} does not exist", channel=name)
+        if channel.refs:
+            return ok(released=list(channel.refs))
         return ok()
+
+    def _lost(self, name: str, keys: list[bytes]) -> Result:
+        if not _is_name(name) or not _are_key_list(keys):
+            return error("invalid_request", "lost needs a channel name and a list of keys")
+        channel = self.channels.get(name)
+        if channel is None:
+            return error("channel_not_found", f"channel {name!r} does not exist", channel=name)
+        marked = [key for key in keys if key in channel.refs]
+        channel.lost.update(marked)
+        return ok(marked=len(marked))
 
     def _end_session(self, session_id: bytes) -> Result:
         if not isinstance(session_id, bytes):
@@ -373,6 +444,21 @@ class ChannelState:
             position=self.position,
         )
 
+    def pinned_keys(self) -> dict[str, list[bytes]]:
+        """Per channel, the keys its items reference that are not marked lost."""
+        return {
+            name: [key for key in channel.refs if key not in channel.lost]
+            for name, channel in self.channels.items()
+            if channel.refs
+        }
+
+    def unreferenced(self, name: str, keys: list[bytes]) -> list[bytes]:
+        """Those of ``keys`` that channel ``name`` (possibly deleted) no longer references."""
+        channel = self.channels.get(name)
+        if channel is None:
+            return list(keys)
+        return [key for key in keys if key not in channel.refs]
+
     # -- snapshots ---------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
@@ -383,7 +469,14 @@ class ChannelState:
                 "position": self.position,
                 "limits": list(self._limits),
                 "channels": {
-                    name: [c.maxlen, c.stopped, c.first, c.items[c.offset :]]
+                    name: [
+                        c.maxlen,
+                        c.stopped,
+                        c.first,
+                        c.items[c.offset :],
+                        [[index, keys] for index, keys in sorted(c.keys.items())],
+                        sorted(c.lost),
+                    ]
                     for name, c in self.channels.items()
                 },
                 "sessions": [
@@ -399,13 +492,22 @@ class ChannelState:
     def from_bytes(cls, data: bytes) -> ChannelState:
         """Rebuild a state from :meth:`to_bytes` output (ValueError if it is not one)."""
         decoded = msgpack.unpackb(data, raw=False)
-        if not isinstance(decoded, dict) or decoded.get("v") != SNAPSHOT_VERSION:
+        if not isinstance(decoded, dict) or decoded.get("v") not in (1, SNAPSHOT_VERSION):
             raise ValueError("not a raftchan state snapshot of a known version")
         state = cls()
         state.position = decoded["position"]
         state._limits = tuple(decoded["limits"])
-        for name, (maxlen, stopped, first, items) in decoded["channels"].items():
-            state.channels[name] = Channel(maxlen=maxlen, stopped=stopped, first=first, items=items)
+        for name, fields in decoded["channels"].items():
+            # Version 1 channels have four fields: no future keys.
+            maxlen, stopped, first, items, *rest = fields
+            channel = Channel(maxlen=maxlen, stopped=stopped, first=first, items=items)
+            if rest:
+                for index, keys in rest[0]:
+                    channel.keys[index] = keys
+                    for key in keys:
+                        channel.refs[key] = channel.refs.get(key, 0) + 1
+                channel.lost = set(rest[1])
+            state.channels[name] = channel
         for sid, last_seq, ranges in decoded["sessions"]:
             session = Session(last_seq=last_seq)
             for r in ranges:
@@ -441,6 +543,21 @@ def _is_name(value: Any) -> bool:
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _are_key_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(key, bytes) for key in value)
+
+
+def _are_keys(value: Any, count: int) -> bool:
+    """``None``, or one list of ``bytes`` keys per item."""
+    if value is None:
+        return True
+    return (
+        isinstance(value, list)
+        and len(value) == count
+        and all(_are_key_list(item_keys) for item_keys in value)
+    )
 
 
 def _is_maxlen(value: Any) -> bool:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Coroutine, Generator, Iterable, Itera
 from typing import Any, TypeVar
 
 from raftchan.client import AsyncChannel, AsyncClient, RetryPolicy
-from raftchan.codec import ItemCodec
+from raftchan.codec import Encoded, ItemCodec
 from raftchan.errors import Closed
 from raftchan.limits import DEFAULT_LIMITS, Limits
 from raftchan.protocol import ChannelInfo
@@ -35,7 +35,11 @@ class Client:
     """A blocking client of one raftchan cluster; safe to share between threads.
 
     Takes the same arguments as :class:`~raftchan.client.AsyncClient` (address list or
-    ``$RAFTCHAN_ADDRESS``, ``timeout``, ``retry``, ``codec``, ...). No I/O happens until
+    ``$RAFTCHAN_ADDRESS``, ``timeout``, ``retry``, ``codec``, ``dask_client``, ...).
+    Without ``dask_client``, the Dask client current in the constructing thread (a
+    ``worker_client()`` inside a task, or the default client) is used when there is one,
+    since reads are decoded on the client's own thread, where ``get_client()`` would not
+    find a task's worker client. No I/O happens until
     the first operation. Use it as a context manager or call :meth:`close`; a client
     that is dropped without closing stops its thread when it is garbage collected.
     """
@@ -50,7 +54,10 @@ class Client:
         limits: Limits = DEFAULT_LIMITS,
         max_in_flight: int = 8,
         poll_wait: float = 5.0,
+        dask_client: Any = None,
     ) -> None:
+        if dask_client is None and codec is None:
+            dask_client = _current_dask_client()
         self._async = AsyncClient(
             address,
             timeout=timeout,
@@ -59,13 +66,14 @@ class Client:
             limits=limits,
             max_in_flight=max_in_flight,
             poll_wait=poll_wait,
+            dask_client=dask_client,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=_run_forever, args=(self._loop,), name="raftchan-client", daemon=True
         )
         # Appends waiting to be handed to the loop, in the order they were made.
-        self._handoff: list[tuple[str, list[bytes]]] = []
+        self._handoff: list[tuple[str, list[Encoded]]] = []
         self._handoff_lock = threading.Lock()
         self._closed = False
         self._thread.start()
@@ -269,6 +277,28 @@ class Channel:
     def delete(self, timeout: float | None = None) -> None:
         """Flush, then delete the channel; see :meth:`AsyncChannel.delete`."""
         self._client._run(self._channel.delete(timeout))
+
+
+def _current_dask_client() -> Any:
+    """The Dask client ``distributed.get_client()`` gives in this thread, if one exists."""
+    try:
+        from distributed import default_client
+        from distributed.worker import get_worker
+    except ImportError:
+        return None
+    try:
+        get_worker()
+    except ValueError:
+        pass
+    else:
+        # Inside a task: get_client() gives the worker's client (creating it if needed).
+        from distributed import get_client
+
+        return get_client()
+    try:
+        return default_client()
+    except ValueError:
+        return None
 
 
 async def _next_batch(batches: AsyncIterator[list[Any]]) -> list[Any] | None:

@@ -290,7 +290,24 @@ def test_an_unknown_type_is_invalid_and_keeps_the_id(kind: Any) -> None:
 
 
 ONE_PER_TYPE = list({r.TYPE: r for r in EXAMPLES}.values())
-MISSING = [(r, f.name) for r in ONE_PER_TYPE for f in fields(r) if f.name != "id"]
+MISSING = [
+    (r, f.name)
+    for r in ONE_PER_TYPE
+    for f in fields(r)
+    if f.name != "id" and (r.TYPE, f.name) != ("append", "keys")
+]
+
+
+def test_append_keys_are_optional_and_checked() -> None:
+    plain = Append(1, "c", b"s" * 16, 1, [b"\x01"])
+    assert "keys" not in plain.to_wire()
+    assert parse_request(plain.to_wire()) == plain
+    with_keys = Append(2, "c", b"s" * 16, 1, [b"\x01", b"\x02"], [[b"k"], []])
+    assert parse_request(with_keys.to_wire()) == with_keys
+    for bad in ([[b"k"]], [[b"k"], ["text"]], [b"k", b"j"]):
+        wire = {**with_keys.to_wire(), "keys": bad}
+        with pytest.raises(RequestInvalid, match="keys"):
+            parse_request(wire)
 
 
 @pytest.mark.parametrize("request_,name", MISSING, ids=lambda x: getattr(x, "TYPE", x))

@@ -895,3 +895,95 @@ def test_a_malformed_op_changes_nothing(op_list: list[Any]) -> None:
         assert len(results) == 1
         if results[0].get("code") == "invalid_request":
             assert stored(state) == before
+
+
+# -- Dask future keys ------------------------------------------------------------------------
+
+
+def append_keys(
+    state: ChannelState, name: str, session: bytes, seq: int, *items: tuple[bytes, list[bytes]]
+) -> Result:
+    return run1(state, ["append", name, session, seq, [i for i, _ in items], [k for _, k in items]])
+
+
+def test_trimming_reports_keys_no_retained_item_references() -> None:
+    state = opened("f", maxlen=2)
+    result = append_keys(state, "f", A, 1, (b"1", [b"k1"]), (b"2", [b"k2", b"k1"]), (b"3", []))
+    assert result["indexes"] == [0, 1, 2]
+    assert "released" not in result  # k1 is still held by item 1
+    result = append_keys(state, "f", A, 4, (b"4", [b"k3"]))
+    assert sorted(result["released"]) == [b"k1", b"k2"]
+    assert state.pinned_keys() == {"f": [b"k3"]}
+    assert state.unreferenced("f", [b"k1", b"k3"]) == [b"k1"]
+
+
+def test_a_repeat_append_does_not_count_its_keys_twice() -> None:
+    state = opened("f", maxlen=1)
+    append_keys(state, "f", A, 1, (b"1", [b"k1"]))
+    assert append_keys(state, "f", A, 1, (b"1", [b"k1"]))["duplicate"] is True
+    assert append_keys(state, "f", A, 2, (b"2", []))["released"] == [b"k1"]
+    assert state.pinned_keys() == {}
+
+
+def test_shrinking_maxlen_and_delete_release_keys() -> None:
+    state = opened("f", "g")
+    append_keys(state, "f", A, 1, (b"1", [b"k1"]), (b"2", [b"k2"]))
+    append_keys(state, "g", A, 3, (b"3", [b"k1"]))
+    assert run1(state, ["open", "f", 1])["released"] == [b"k1"]
+    assert run1(state, ["delete", "f"])["released"] == [b"k2"]
+    # The same key in another channel is that channel's own reference.
+    assert state.pinned_keys() == {"g": [b"k1"]}
+    assert state.unreferenced("f", [b"k1"]) == [b"k1"]
+
+
+def test_lost_keys_are_kept_but_no_longer_pinned() -> None:
+    state = opened("f", maxlen=2)
+    append_keys(state, "f", A, 1, (b"1", [b"k1"]), (b"2", [b"k2"]))
+    assert run1(state, ["lost", "f", [b"k1", b"unknown"]]) == {"ok": True, "marked": 1}
+    assert state.pinned_keys() == {"f": [b"k2"]}
+    assert run1(state, ["lost", "nope", [b"k1"]])["code"] == "channel_not_found"
+    assert run1(state, ["lost", "f", ["text"]])["code"] == "invalid_request"
+    append_keys(state, "f", A, 3, (b"3", []))
+    assert state.channels["f"].lost == set()  # forgotten with the last reference
+
+
+@pytest.mark.parametrize(
+    "keys", [[[b"k"]], [[b"k"], [1]], "k", [[b"k"], None]], ids=["short", "int", "str", "none"]
+)
+def test_malformed_keys_refuse_the_append_and_change_nothing(keys: Any) -> None:
+    state = opened("f")
+    before = stored(state)
+    result = run1(state, ["append", "f", A, 1, [b"1", b"2"], keys])
+    assert result["code"] == "invalid_request"
+    assert stored(state) == before
+
+
+def test_snapshot_version_2_keeps_keys_and_lost_marks() -> None:
+    state = opened("f", maxlen=3)
+    append_keys(state, "f", A, 1, (b"1", [b"k1"]), (b"2", []), (b"3", [b"k2", b"k1"]))
+    append_keys(state, "f", A, 4, (b"4", [b"k3"]))
+    run1(state, ["lost", "f", [b"k3"]])
+    data = state.to_bytes()
+    assert msgpack.unpackb(data, raw=False)["v"] == 2
+    copy = ChannelState.from_bytes(data)
+    assert copy.to_bytes() == data
+    assert copy.channels["f"].refs == {b"k1": 1, b"k2": 1, b"k3": 1}
+    assert copy.pinned_keys() == {"f": [b"k2", b"k1"]}
+    assert append_keys(copy, "f", A, 5, (b"5", []), (b"6", []))["released"] == [b"k2", b"k1"]
+
+
+def test_a_version_1_snapshot_loads_without_keys() -> None:
+    old = msgpack.packb(
+        {
+            "v": 1,
+            "position": 1,
+            "limits": [10, 10],
+            "channels": {"jobs": [2, False, 0, [b"x"]]},
+            "sessions": [],
+            "nodes": [],
+        }
+    )
+    state = ChannelState.from_bytes(old)
+    assert state.pinned_keys() == {}
+    assert append_keys(state, "jobs", A, 1, (b"y", [b"k"]))["indexes"] == [1]
+    assert state.pinned_keys() == {"jobs": [b"k"]}

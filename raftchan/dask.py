@@ -1,0 +1,264 @@
+"""Dask futures in channels, on the client side; and the opt-in ``Client.channel``.
+
+An item that is (or contains) a ``distributed.Future`` is stored as a msgpack ext type
+(code :data:`FUTURE_EXT`) whose payload is the msgpack encoding of the future's key. The
+cluster keeps such keys alive on the Dask scheduler under a fixed scheduler-side name per
+channel (:func:`pin_name`), so no failure of a writer, a reader or a raftchan node
+releases them. This module needs ``distributed`` only when it is imported;
+``raftchan.Client`` falls back to the plain codec without it.
+
+Writing (:meth:`DaskCodec.encode_items`)
+    The writer pins each key under the channel's name *on the connection of the Dask
+    client that owns the future*, before the append can reach the cluster: messages on
+    one Dask connection are handled in order, so the pin cannot overtake the task's
+    submission (a pin sent on another connection can, and is then silently ignored).
+    The raftchan client keeps the writer's Future referenced until the append is
+    answered; the leader answers only after it has confirmed the pin itself.
+
+Reading (:meth:`DaskCodec.decode_items`)
+    Futures come back bound to the reader's Dask client (``dask_client=``, else
+    ``distributed.get_client()``), which is told that it desires the keys. One status
+    request per page then checks that the scheduler knows them; the future of a key it
+    does not know fails at once with :class:`~raftchan.errors.FutureLost` naming the key,
+    instead of staying pending forever.
+
+Old API
+    ``raftchan.dask.install()`` gives ``distributed.Client`` a ``channel(name, maxlen=None)``
+    method, so code written for the Channels of distributed 1.15-1.17 runs unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import msgpack
+from distributed import Client as DaskClient
+from distributed import Future
+
+from raftchan.codec import Encoded, ItemCodec
+from raftchan.errors import FutureLost, ItemNotEncodable
+from raftchan.limits import DEFAULT_LIMITS
+
+__all__ = ["FUTURE_EXT", "DaskCodec", "install", "pin_name", "uninstall"]
+
+logger = logging.getLogger(__name__)
+
+#: msgpack ext type code of a stored Dask future (payload: msgpack of its key).
+FUTURE_EXT = 42
+#: Bounds the status request that tells a reader's future its key is unknown. When it
+#: passes (scheduler unreachable), the future is left as Dask has it.
+STATUS_TIMEOUT = 10.0
+#: Prefix of the scheduler-side names under which channels keep their keys.
+PIN_PREFIX = "raftchan-"
+
+
+def pin_name(channel: str) -> str:
+    """The scheduler-side pseudo-client name under which ``channel`` keeps its keys.
+
+    One name per channel, shared by every raftchan cluster using the same Dask scheduler:
+    two clusters sharing a scheduler must not use the same channel names.
+    """
+    return PIN_PREFIX + channel
+
+
+def encode_key(key: Any) -> bytes:
+    """A Dask key as the opaque bytes a channel stores (tuples become msgpack arrays)."""
+    return msgpack.packb(key, use_bin_type=True)
+
+
+def decode_key(data: bytes) -> Any:
+    """The Dask key stored by :func:`encode_key` (arrays back to tuples)."""
+    return msgpack.unpackb(data, raw=False, use_list=False)
+
+
+class DaskCodec(ItemCodec):
+    """The item codec that stores ``distributed.Future`` objects by key.
+
+    Args:
+        dask_client: the Dask client read futures are bound to. ``None``: the client
+            ``distributed.get_client()`` returns when a page is decoded (the worker's
+            client inside a task); without any Dask client, stored futures decode as
+            plain ``msgpack.ExtType`` values.
+        max_item_bytes: as for :class:`~raftchan.codec.ItemCodec`.
+        status_timeout: bounds the one status request per decoded page (seconds).
+    """
+
+    def __init__(
+        self,
+        dask_client: DaskClient | None = None,
+        max_item_bytes: int | None = DEFAULT_LIMITS.max_item_bytes,
+        status_timeout: float = STATUS_TIMEOUT,
+    ) -> None:
+        super().__init__(max_item_bytes)
+        # Weak: a Dask client that keeps a raftchan client (which holds this codec) in a
+        # cache keyed by itself must still be collectable.
+        self._dask_client = None if dask_client is None else weakref.ref(dask_client)
+        self.status_timeout = status_timeout
+        # Futures met while encoding, and the reader's client while decoding: per thread,
+        # since the blocking client encodes in each caller's thread.
+        self._local = threading.local()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def default(self, obj: Any) -> Any:
+        if isinstance(obj, Future):
+            key = encode_key(obj.key)
+            found = getattr(self._local, "found", None)
+            if found is not None:
+                found.append((key, obj))
+            return msgpack.ExtType(FUTURE_EXT, key)
+        return super().default(obj)
+
+    def encode_items(self, channel: str, items: Iterable[Any]) -> list[Encoded]:
+        """Encode the items and pin their futures' keys under :func:`pin_name`.
+
+        Raises :class:`~raftchan.errors.ItemNotEncodable` for a future whose own Dask
+        client is closed or missing (its key may already be released: nothing is sent),
+        and as :meth:`ItemCodec.encode` otherwise.
+        """
+        records: list[Encoded] = []
+        pins: dict[int, tuple[DaskClient, list[Any]]] = {}
+        for item in items:
+            self._local.found = []
+            try:
+                data = self.encode(item)
+                found: list[tuple[bytes, Future]] = self._local.found
+            finally:
+                self._local.found = None
+            if not found:
+                records.append(Encoded(data))
+                continue
+            for _key, future in found:
+                client = future.client
+                if client is None or client.status not in ("running", "connecting"):
+                    raise ItemNotEncodable(
+                        f"the Dask client of future {future.key!r} is not running; "
+                        "its key may already be released",
+                        type="Future",
+                    )
+                pins.setdefault(id(client), (client, []))[1].append(future.key)
+            item_keys = tuple(dict.fromkeys(key for key, _future in found))
+            records.append(Encoded(data, item_keys, tuple(future for _key, future in found)))
+        for client, pinned in pins.values():
+            # On the owner's own connection, after the submission it carried: see module doc.
+            client._send_to_scheduler(
+                {"op": "client-desires-keys", "keys": pinned, "client": pin_name(channel)}
+            )
+        return records
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def ext_hook(self, code: int, data: bytes) -> Any:
+        client = getattr(self._local, "client", None)
+        if code != FUTURE_EXT or client is None:
+            return super().ext_hook(code, data)
+        key = decode_key(data)
+        self._local.keys.append(key)
+        return Future(key, client)
+
+    def decode_items(self, datas: Iterable[bytes]) -> list[Any]:
+        """Decode a page; bind its futures to the reader's Dask client and check their keys."""
+        client = self._reader_client()
+        self._local.client = client
+        self._local.keys = []
+        try:
+            items = [self.decode(data) for data in datas]
+            keys: list[Any] = self._local.keys
+        finally:
+            self._local.client = None
+            self._local.keys = []
+        if keys and client is not None:
+            keys = list(dict.fromkeys(keys))
+            client._send_to_scheduler(
+                {"op": "client-desires-keys", "keys": keys, "client": client.id}
+            )
+            loop = client.loop
+            assert loop is not None  # a running client has its loop
+            loop.add_callback(_fail_unknown_keys, client, keys, self.status_timeout)
+        return items
+
+    @property
+    def dask_client(self) -> DaskClient | None:
+        """The Dask client given at construction (``None`` if none, or collected)."""
+        return None if self._dask_client is None else self._dask_client()
+
+    def _reader_client(self) -> DaskClient | None:
+        client = self.dask_client
+        if client is not None and client.status != "closed":
+            return client
+        try:
+            from distributed import get_client
+
+            return get_client()
+        except ValueError:  # no Dask client anywhere: futures stay ExtType values
+            return None
+
+
+async def _fail_unknown_keys(client: DaskClient, keys: list[Any], timeout: float) -> None:
+    """On the Dask client's loop: fail the futures of keys the scheduler does not know."""
+    try:
+        statuses = await asyncio.wait_for(client.scheduler.get_task_status(keys=keys), timeout)
+    except Exception as exc:  # unreachable scheduler: Dask's own handling applies
+        logger.warning("could not check %d future keys on the scheduler: %s", len(keys), exc)
+        return
+    for key, status in statuses.items():
+        if status is not None:
+            continue
+        state = client.futures.get(key)
+        if state is not None and state.status == "pending":
+            state.set_error(
+                FutureLost(
+                    f"Dask future {key!r} is lost: the scheduler no longer knows its key "
+                    "(scheduler restarted, or its data was lost)",
+                    key=repr(key),
+                ),
+                None,
+            )
+
+
+# ---------------------------------------------------------------------------------------
+# distributed.Client.channel (opt-in)
+
+_clients: weakref.WeakKeyDictionary[DaskClient, Any] = weakref.WeakKeyDictionary()
+_clients_lock = threading.Lock()
+
+
+def _channel(self: DaskClient, name: str, maxlen: int | None = None) -> Any:
+    """Open raftchan channel ``name`` for this Dask client (create if missing, set maxlen).
+
+    The raftchan cluster's address comes from ``$RAFTCHAN_ADDRESS`` or the Dask config key
+    ``raftchan.address``. Futures read from the channel are bound to this Dask client.
+    """
+    import raftchan
+
+    with _clients_lock:
+        rc = _clients.get(self)
+        if rc is None or rc.closed:
+            rc = _clients[self] = raftchan.Client(dask_client=self)
+            # A worker_client() is closed when its task ends: close the raftchan client
+            # with it rather than leaving its thread to the garbage collector.
+            weakref.finalize(self, rc.close, 1.0)
+    return rc.channel(name, maxlen=maxlen)
+
+
+def install(client: DaskClient | None = None) -> None:
+    """Give ``distributed.Client`` a ``channel(name, maxlen=None)`` method (idempotent).
+
+    With ``client``, also run this on every worker of that client's cluster (workers that
+    join later need it too: import a module that calls it, or a worker plugin), so that
+    ``worker_client().channel(...)`` works inside tasks.
+    """
+    DaskClient.channel = _channel  # type: ignore[attr-defined]
+    if client is not None:
+        client.run(install)
+
+
+def uninstall() -> None:
+    """Remove what :func:`install` added to ``distributed.Client`` in this process."""
+    if getattr(DaskClient, "channel", None) is _channel:
+        del DaskClient.channel  # type: ignore[attr-defined]

@@ -1,0 +1,71 @@
+"""Fixtures for tests with a real Dask scheduler and workers and a real 3-node raftchan cluster."""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Iterator
+from pathlib import Path
+
+import pytest
+
+from cluster.harness import LocalCluster
+
+distributed = pytest.importorskip("distributed")
+
+#: How long a fresh raftchan cluster may take to start its processes and elect a leader.
+CLUSTER_READY_TIMEOUT = 60.0
+
+_RC_KEY = pytest.StashKey[LocalCluster]()
+
+
+@pytest.fixture(name="dask_cluster", scope="module")
+def dask_cluster_fixture() -> Iterator[distributed.LocalCluster]:
+    """A Dask scheduler with two workers of two threads, in this process, over TCP.
+
+    In-process workers run the test's own functions without pickling them by value; TCP
+    (not inproc) lets the raftchan nodes and helper processes reach the scheduler.
+    """
+    with distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=2,
+        processes=False,
+        protocol="tcp",
+        dashboard_address=None,
+    ) as local:
+        yield local
+
+
+@pytest.fixture(name="dask_client")
+def dask_client_fixture(dask_cluster: distributed.LocalCluster) -> Iterator[distributed.Client]:
+    with distributed.Client(dask_cluster, set_as_default=False) as client:
+        yield client
+
+
+@pytest.fixture(name="rc_cluster")
+def rc_cluster_fixture(
+    request: pytest.FixtureRequest, tmp_path: Path, dask_cluster: distributed.LocalCluster
+) -> Iterator[LocalCluster]:
+    """A running 3-node raftchan cluster whose nodes keep futures on ``dask_cluster``."""
+    local = LocalCluster(
+        3,
+        base_dir=tmp_path / "cluster",
+        extra_args=["--dask-scheduler", dask_cluster.scheduler_address],
+    )
+    request.node.stash[_RC_KEY] = local
+    try:
+        local.start()
+        local.wait_ready(timeout=CLUSTER_READY_TIMEOUT)
+        yield local
+    finally:
+        local.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Attach every raftchan node's log tail to the report of a failed test."""
+    report = yield
+    local = item.stash.get(_RC_KEY, None)
+    if local is not None and report.failed:
+        report.sections.append(("raftchan node logs", local.log_tails()))
+    return report
