@@ -19,8 +19,8 @@ Reading (:meth:`DaskCodec.decode_items`)
     Futures come back bound to the reader's Dask client (``dask_client=``, else
     ``distributed.get_client()``), which is told that it desires the keys. One status
     request per page then checks that the scheduler knows them; the future of a key it
-    does not know fails at once with :class:`~raftchan.errors.FutureLost` naming the key,
-    instead of staying pending forever.
+    does not know within :data:`UNKNOWN_GRACE` seconds fails with
+    :class:`~raftchan.errors.FutureLost` naming the key, instead of staying pending forever.
 
 Old API
     ``raftchan.dask.install()`` gives ``distributed.Client`` a ``channel(name, maxlen=None)``
@@ -53,6 +53,9 @@ FUTURE_EXT = 42
 #: Bounds the status request that tells a reader's future its key is unknown. When it
 #: passes (scheduler unreachable), the future is left as Dask has it.
 STATUS_TIMEOUT = 10.0
+#: How long a reader keeps asking about a key the scheduler does not know before its
+#: future fails with FutureLost (longer than the leader's own wait for a writer's task).
+UNKNOWN_GRACE = 5.0
 #: Prefix of the scheduler-side names under which channels keep their keys.
 PIN_PREFIX = "raftchan-"
 
@@ -199,22 +202,49 @@ class DaskCodec(ItemCodec):
             return None
 
 
-async def _fail_unknown_keys(client: DaskClient, keys: list[Any], timeout: float) -> None:
-    """On the Dask client's loop: fail the futures of keys the scheduler does not know."""
-    try:
-        statuses = await asyncio.wait_for(client.scheduler.get_task_status(keys=keys), timeout)
-    except Exception as exc:  # unreachable scheduler: Dask's own handling applies
-        logger.warning("could not check %d future keys on the scheduler: %s", len(keys), exc)
-        return
-    for key, status in statuses.items():
-        if status is not None:
-            continue
+async def _fail_unknown_keys(
+    client: DaskClient, keys: list[Any], timeout: float, grace: float = UNKNOWN_GRACE
+) -> None:
+    """On the Dask client's loop: fail the futures of keys the scheduler does not know.
+
+    An item becomes readable when its append commits, a moment before the leader has
+    confirmed its pin: the writer's submission may still be on its way. So a key unknown
+    at first is asked about again for ``grace`` seconds; if it shows up, this client
+    desires it again (the first request was ignored); if not, its futures fail with
+    :class:`FutureLost`. ``timeout`` bounds each status request.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    delay = 0.01
+    unknown = list(keys)
+    first = True
+    while unknown:
+        try:
+            statuses = await asyncio.wait_for(
+                client.scheduler.get_task_status(keys=unknown), timeout
+            )
+        except Exception as exc:  # unreachable scheduler: Dask's own handling applies
+            logger.warning("could not check %d future keys on the scheduler: %s", len(keys), exc)
+            return
+        known = [key for key, status in statuses.items() if status is not None]
+        if known and not first:
+            client._send_to_scheduler(
+                {"op": "client-desires-keys", "keys": known, "client": client.id}
+            )
+        first = False
+        unknown = [key for key, status in statuses.items() if status is None]
+        if unknown and loop.time() >= deadline:
+            break
+        if unknown:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+    for key in unknown:
         state = client.futures.get(key)
         if state is not None and state.status == "pending":
             state.set_error(
                 FutureLost(
-                    f"Dask future {key!r} is lost: the scheduler no longer knows its key "
-                    "(scheduler restarted, or its data was lost)",
+                    f"Dask future {key!r} is lost: the scheduler does not know its key "
+                    "(scheduler restarted, data lost, or its writer died before submitting)",
                     key=repr(key),
                 ),
                 None,
