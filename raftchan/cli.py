@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -327,6 +328,18 @@ def _read_secret(path: Path | None) -> bytes | None:
     type=click.FloatRange(min=0),
     help="Seconds to wait for the nodes to start and elect a leader.",
 )
+@click.option(
+    "--dask",
+    "start_dask",
+    is_flag=True,
+    help="Also start a local Dask scheduler with two workers (threads of this process) and "
+    "have the nodes keep its futures.",
+)
+@click.option(
+    "--dask-scheduler",
+    metavar="tcp://HOST:PORT",
+    help="Have the nodes keep the futures of this running Dask scheduler.",
+)
 def up(
     nodes: int,
     base_port: int,
@@ -335,10 +348,13 @@ def up(
     demo: bool,
     exit_after_demo: bool,
     ready_timeout: float,
+    start_dask: bool,
+    dask_scheduler: str | None,
 ) -> None:
     """Run a local cluster on loopback in the foreground; Ctrl-C stops it.
 
-    Prints one line RAFTCHAN_ADDRESS=... once a leader is elected.
+    Prints one line RAFTCHAN_ADDRESS=... once a leader is elected (and, with --dask, one
+    line DASK_SCHEDULER_ADDRESS=... before it).
     """
     if not is_loopback(host):
         raise click.BadParameter(
@@ -346,15 +362,61 @@ def up(
             "with --cluster-secret-file",
             param_hint="--host",
         )
+    if start_dask and dask_scheduler:
+        raise click.BadParameter(
+            "give either --dask (start one) or --dask-scheduler (use a running one)",
+            param_hint="--dask",
+        )
+    with contextlib.ExitStack() as stack:
+        if start_dask:
+            dask_scheduler = stack.enter_context(_local_dask(host))
+            click.echo(f"DASK_SCHEDULER_ADDRESS={dask_scheduler}")
+        _up(nodes, base_port, data_dir, host, demo, exit_after_demo, ready_timeout, dask_scheduler)
+
+
+@contextmanager
+def _local_dask(host: str) -> Iterator[str]:
+    """A Dask scheduler and two workers of two threads in this process; yields its address."""
+    import distributed
+
+    _note("starting a local Dask scheduler and 2 workers")
+    # Threads, not processes: `up` is a demo, and worker processes would outlive a
+    # SIGKILLed `up`. TCP (not inproc) so that nodes and other processes can connect.
+    with distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=2,
+        processes=False,
+        protocol="tcp",
+        host=host,
+        dashboard_address=None,
+    ) as dask:
+        yield dask.scheduler_address
+
+
+def _up(
+    nodes: int,
+    base_port: int,
+    data_dir: Path,
+    host: str,
+    demo: bool,
+    exit_after_demo: bool,
+    ready_timeout: float,
+    dask_scheduler: str | None,
+) -> None:
     from cluster.harness import LocalCluster
 
+    extra_args = ["--dask-scheduler", dask_scheduler] if dask_scheduler else []
     # Default Raft timing: this is the cluster people try first, not a test cluster.
-    local = LocalCluster(nodes, data_dir, host=host, base_port=base_port, tuning=None)
+    local = LocalCluster(
+        nodes, data_dir, host=host, base_port=base_port, tuning=None, extra_args=extra_args
+    )
     # SIGTERM stops `up` the way Ctrl-C does. The nodes run in process groups of their
     # own, so a terminal's Ctrl-C reaches only this process, which then stops them.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        _run_local_cluster(local, ready_timeout, demo=demo, exit_after_demo=exit_after_demo)
+        _run_local_cluster(
+            local, ready_timeout, demo=demo, exit_after_demo=exit_after_demo, dask=dask_scheduler
+        )
     except KeyboardInterrupt:
         pass
     finally:
@@ -366,7 +428,12 @@ def up(
 
 
 def _run_local_cluster(
-    local: LocalCluster, ready_timeout: float, *, demo: bool, exit_after_demo: bool
+    local: LocalCluster,
+    ready_timeout: float,
+    *,
+    demo: bool,
+    exit_after_demo: bool,
+    dask: str | None = None,
 ) -> None:
     from cluster.harness import ClusterNotReady, NodeExited, PortInUse
 
@@ -386,6 +453,8 @@ def _run_local_cluster(
     if demo:
         try:
             _run_demo(local, leader)
+            if dask:
+                _run_dask_demo(local, dask)
         except RaftchanError as exc:
             click.echo(f"Error: the demo failed: {type(exc).__name__}: {exc}", err=True)
             local.dump_logs(file=sys.stderr)
@@ -433,6 +502,33 @@ def _run_demo(local: LocalCluster, leader: int) -> None:
         )
         for item in islice(chan, len(snapshot)):
             click.echo(f"  {item!r}")
+    sys.stdout.flush()
+
+
+def _run_dask_demo(local: LocalCluster, scheduler: str) -> None:
+    import operator
+
+    import distributed
+
+    import raftchan
+
+    with (
+        distributed.Client(scheduler, set_as_default=False) as dask,
+        raftchan.Client(local.addresses, dask_client=dask) as client,
+    ):
+        chan = client.channel("demo-futures")
+        future = dask.submit(operator.add, 40, 2)
+        chan.append(future)
+        chan.flush()
+        click.echo(f"demo: appended a Dask future ({future.key}) to channel 'demo-futures'")
+        del future
+    # Another Dask client, as another program would have: the channel kept the key alive.
+    with (
+        distributed.Client(scheduler, set_as_default=False) as dask,
+        raftchan.Client(local.addresses, dask_client=dask) as client,
+    ):
+        [read] = client.channel("demo-futures").read()[-1:]
+        click.echo(f"demo: another Dask client reads it back: result() = {read.result(30)!r}")
     sys.stdout.flush()
 
 

@@ -47,7 +47,7 @@ def combine() -> None:
         a_chan = c.channel("a")
         b_chan = c.channel("b")
         out_chan = c.channel("adds")
-        for a, b in zip(a_chan, b_chan):
+        for a, b in zip(a_chan, b_chan):  # noqa: B905 - the old docs, as written
             future = c.submit(operator.add, a, b)
             out_chan.append(future)
 
@@ -92,5 +92,5 @@ def test_the_old_docs_worker_client_example_runs_and_stop_ends_every_loop(
 
     a_values = [f.result(timeout=30) for f in client.channel("a").read(0, SUMS)]
     b_values = [f.result(timeout=30) for f in client.channel("b").read(0, SUMS)]
-    assert sums == [a + b for a, b in zip(a_values, b_values)]
+    assert sums == [a + b for a, b in zip(a_values, b_values, strict=True)]
     assert len(set(a_values)) == SUMS  # really random: pure=False with a fresh draw each time
