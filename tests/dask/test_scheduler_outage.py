@@ -1,0 +1,66 @@
+"""A Dask scheduler that is not there yet: data appends go on, the keeper keeps trying."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import distributed
+
+import raftchan
+from cluster.harness import LocalCluster
+from cluster.ports import free_ports
+
+#: Seconds any single client operation may take on a loaded test machine.
+OP_TIMEOUT = 60.0
+#: A data append must not wait for Dask: far below the keeper's connect timeouts.
+DATA_BOUND = 5.0
+#: Bounds the keeper's first failed connection attempt.
+RETRY_BOUND = 30.0
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def test_data_appends_go_on_without_the_scheduler_and_futures_work_once_it_is_up(
+    tmp_path: Path,
+) -> None:
+    [port] = free_ports(1, "127.0.0.1")
+    address = f"tcp://127.0.0.1:{port}"
+    with LocalCluster(3, base_dir=tmp_path / "c", extra_args=["--dask-scheduler", address]) as rc:
+        rc.start()
+        leader = rc.wait_ready(timeout=60)
+        with raftchan.Client(rc.addresses, timeout=OP_TIMEOUT) as client:
+            chan = client.channel("mixed")
+            started = time.monotonic()
+            chan.append("data while Dask is away")
+            chan.flush()
+            assert time.monotonic() - started < DATA_BOUND
+        status = rc.status()[leader]
+        assert status["dask_connected"] is False and status["dask_ready"] is False
+        # A failed connection attempt (each is bounded at a few seconds) and its retry.
+        deadline = time.monotonic() + RETRY_BOUND
+        while "retrying in" not in rc.logs()[rc.names[leader]]:
+            assert time.monotonic() < deadline, "the keeper never reported a failed attempt"
+            time.sleep(0.2)
+
+        with (
+            distributed.LocalCluster(
+                n_workers=1,
+                threads_per_worker=1,
+                processes=False,
+                protocol="tcp",
+                scheduler_port=port,
+                dashboard_address=None,
+            ) as dask_cluster,
+            distributed.Client(dask_cluster, set_as_default=False) as dask,
+            raftchan.Client(rc.addresses, dask_client=dask, timeout=OP_TIMEOUT) as client,
+        ):
+            chan = client.channel("mixed")
+            chan.append(dask.submit(inc, 1))
+            chan.flush()  # waits for the keeper's reconnection, then its confirmation
+            data, future = chan.data
+            assert data == "data while Dask is away"
+            assert future.result(timeout=OP_TIMEOUT) == 2
+        assert "keeper re-asserted" in rc.logs()[rc.names[leader]]
