@@ -38,6 +38,8 @@ class RunReport:
     """What one run did and found."""
 
     operations: int = 0
+    acknowledged_appends: int = 0
+    ok_reads: int = 0
     unknown: int = 0
     failed: int = 0
     faults: list[dict[str, Any]] = field(default_factory=list)
@@ -53,7 +55,8 @@ class RunReport:
     def summary(self) -> str:
         kinds = ", ".join(f["kind"] for f in self.faults) or "none"
         text = (
-            f"{self.operations} operations ({self.unknown} unknown, {self.failed} failed), "
+            f"{self.operations} operations ({self.acknowledged_appends} appends and "
+            f"{self.ok_reads} reads acknowledged, {self.unknown} unknown, {self.failed} failed), "
             f"faults: {kinds}; recovery {self.recovery_seconds}s; "
             f"linearizability: {self.verdict}; violations: {len(self.violations)}"
         )
@@ -103,9 +106,11 @@ def run_case(
         iterator.finish(timeout=60.0)
         if iterator.error is not None:
             problems.append(f"iteration of {iterator.channel!r} failed: {iterator.error!r}")
-    per_node = _contents_of_every_node(cluster, workload.channels)
+    per_node = contents_of_every_node(cluster, workload.channels)
     history = recorder.history()
     report.operations = len(history)
+    report.acknowledged_appends = sum(op.ok and op.kind == "append" for op in history)
+    report.ok_reads = sum(op.ok and op.kind in ("read", "len") for op in history)
     report.unknown = sum(op.outcome == "unknown" for op in history)
     report.failed = sum(op.outcome == "fail" for op in history)
 
@@ -150,7 +155,7 @@ def _stop_all(
                 recorder.complete(op, "ok")
 
 
-def _contents_of_every_node(
+def contents_of_every_node(
     cluster: LocalCluster, channels: Sequence[str]
 ) -> dict[str, dict[str, list[Any]]]:
     """Each node's own copy of each channel, once it has applied all the leader has.

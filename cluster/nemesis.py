@@ -41,6 +41,10 @@ FAULT_KINDS = (
     "kill_all",
 )
 
+#: Faults aimed at the leader; they wait up to LEADER_WAIT seconds for one to be agreed.
+LEADER_FAULTS = frozenset({"kill_leader", "pause_leader", "isolate_leader"})
+LEADER_WAIT = 15.0
+
 #: Faults that need the nodes' fault hook (``LocalCluster(fault_injection=True)``).
 NETWORK_FAULTS = frozenset({"partition_minority", "isolate_leader"})
 
@@ -133,13 +137,17 @@ class Nemesis:
         cluster = self.cluster
         n = cluster.size
         leader = cluster.leader()
+        deadline = time.monotonic() + LEADER_WAIT
+        while leader is None and event.kind in LEADER_FAULTS and time.monotonic() < deadline:
+            time.sleep(0.1)  # an election from the previous fault may still be running
+            leader = cluster.leader()
         record = Injected(event.kind, [], self.clock())
         self.injected.append(record)
 
         def named(indexes: Sequence[int]) -> list[str]:
             return [cluster.names[i] for i in indexes]
 
-        if event.kind in ("kill_leader", "pause_leader", "isolate_leader") and leader is None:
+        if event.kind in LEADER_FAULTS and leader is None:
             record.note = "no agreed leader at that moment: the fault hit a random node"
             leader = event.target % n
         if event.kind in ("kill_leader", "kill_node"):

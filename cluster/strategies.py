@@ -30,6 +30,9 @@ def workloads(
     plans = []
     for process in range(draw(st.integers(2, max_clients))):
         ops = draw(st.lists(op, min_size=10, max_size=max_ops))
+        # Every client reads at least once, somewhere: without reads nothing reveals
+        # what the others' appends did, and a run could pass while proving nothing.
+        ops.insert(draw(st.integers(0, len(ops))), ("read", draw(st.sampled_from(channels))))
         plans.append(ClientPlan(tuple(ops), home=process % nodes))
     return Workload(
         channels,

@@ -264,7 +264,7 @@ class DurableJournal(pysyncobj.journal.Journal):
             if self._fsync_enabled:
                 # fdatasync also flushes the file size, which is all the metadata an
                 # append changes; it skips the timestamps.
-                os.fdatasync(self._fd)
+                _fdatasync_or_die(self._fd, self._path)
             self._synced_length = self._end
             self._dirty = False
             self._write_synced_record()
@@ -294,7 +294,7 @@ class DurableJournal(pysyncobj.journal.Journal):
             os.ftruncate(self._fd, new_end)
             if self._fsync_enabled:
                 # Without this a power loss could bring the dropped (conflicting) entries back.
-                os.fdatasync(self._fd)
+                _fdatasync_or_die(self._fd, self._path)
             del self._entries[start:]
             del self._offsets[start:]
             self._end = new_end
@@ -796,3 +796,20 @@ def install_journal_factory() -> None:
             return
         _original_create_journal = current
         pysyncobj.syncobj.createJournal = _create_journal
+
+
+def _fdatasync_or_die(fd: int, path: str) -> None:
+    """fdatasync, and end the process at once if it fails.
+
+    After a failed fsync Linux may already have dropped the dirty pages and marked them
+    clean, so a retry can "succeed" without the data ever reaching the disk; a node that
+    went on would acknowledge entries it does not have. Stopping is the only safe answer:
+    on restart the journal is read back from what really is on disk, and the leader sends
+    the rest again.
+    """
+    try:
+        os.fdatasync(fd)
+    except OSError as exc:
+        logger.critical("journal %s: fsync failed (%s); stopping the node", path, exc)
+        logging.shutdown()
+        os._exit(70)

@@ -610,7 +610,6 @@ def _run_refused(command: list[str]) -> subprocess.CompletedProcess[str]:
     elapsed = time.monotonic() - started
     report = f"status {done.returncode} after {elapsed:.1f} s\nstderr:\n{done.stderr}"
     assert done.returncode != 0, report
-    assert elapsed < REFUSE_TIMEOUT / 2, report
     assert "Traceback" not in done.stderr, report
     assert "in use" not in done.stderr.lower(), report
     return done
