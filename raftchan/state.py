@@ -53,6 +53,9 @@ import msgpack
 COMMAND_VERSION = 1
 #: 2 added each channel's future keys and lost keys; version 1 snapshots still load.
 SNAPSHOT_VERSION = 2
+#: Forgotten session ids remembered per allowed session (16 bytes each): with the default
+#: 10,000 sessions, the last 40,000 forgotten ids, 640 KB.
+FORGOTTEN_PER_SESSION = 4
 
 #: How many recent append ranges (applied or refused) a session remembers with their
 #: outcome. A retry of an older range is still recognised as a repeat (by its sequence
@@ -213,6 +216,10 @@ class ChannelState:
     def __init__(self) -> None:
         self.channels: dict[str, Channel] = {}
         self.sessions: OrderedDict[bytes, Session] = OrderedDict()
+        #: Ids of sessions forgotten (LRU or ended), newest last, at most
+        #: FORGOTTEN_PER_SESSION * max_sessions. An append under one of them is refused
+        #: as expired: starting the session afresh could apply a retry a second time.
+        self.forgotten: OrderedDict[bytes, None] = OrderedDict()
         self.nodes: dict[str, NodeRecord] = {}
         #: Number of commands applied so far; equal on every node at the same log point.
         self.position = 0
@@ -303,7 +310,7 @@ class ChannelState:
             return error("invalid_request", "malformed append op")
         session = self.sessions.get(session_id)
         if session is None:
-            if seq != 1:
+            if seq != 1 or session_id in self.forgotten:
                 # The session was forgotten (LRU) or never existed: we cannot tell whether
                 # these items were applied before, so refuse rather than risk a duplicate.
                 return error(
@@ -320,7 +327,16 @@ class ChannelState:
             refused = session.refusal_in(seq, count)
             if refused is not None:
                 return _refusal(*refused)
-            return ok(indexes=session.indexes_of(seq, count), duplicate=True)
+            indexes = session.indexes_of(seq, count)
+            if None in indexes:
+                # Decided so long ago that its range scrolled out of the session's memory:
+                # it may have been stored or refused. Never answer "stored" on a guess.
+                return error(
+                    "commit_unknown",
+                    "the outcome of this retried append is no longer remembered",
+                    session_expired=True,
+                )
+            return ok(indexes=indexes, duplicate=True)
         if seq > session.last_seq + 1:
             # An earlier append of this session is missing: applying this one would reorder.
             return error(
@@ -356,7 +372,14 @@ class ChannelState:
         self.sessions[session_id] = session
         self.sessions.move_to_end(session_id)
         while len(self.sessions) > self._limits[1]:
-            self.sessions.popitem(last=False)
+            forgotten, _ = self.sessions.popitem(last=False)
+            self._forget(forgotten)
+
+    def _forget(self, session_id: bytes) -> None:
+        self.forgotten[session_id] = None
+        self.forgotten.move_to_end(session_id)
+        while len(self.forgotten) > FORGOTTEN_PER_SESSION * self._limits[1]:
+            self.forgotten.popitem(last=False)
 
     def _stop(self, name: str) -> Result:
         if not _is_name(name):
@@ -390,7 +413,8 @@ class ChannelState:
     def _end_session(self, session_id: bytes) -> Result:
         if not isinstance(session_id, bytes):
             return error("invalid_request", "end_session needs a session id")
-        self.sessions.pop(session_id, None)
+        if self.sessions.pop(session_id, None) is not None:
+            self._forget(session_id)
         return ok()
 
     def _node(self, name: str, raft_address: str, client_address: str) -> Result:
@@ -484,6 +508,7 @@ class ChannelState:
                     for sid, s in self.sessions.items()
                 ],
                 "nodes": [[n.name, n.raft_address, n.client_address] for n in self.nodes.values()],
+                "forgotten": list(self.forgotten),
             },
             use_bin_type=True,
         )
@@ -519,6 +544,8 @@ class ChannelState:
             state.sessions[sid] = session
         for name, raft_address, client_address in decoded["nodes"]:
             state.nodes[raft_address] = NodeRecord(name, raft_address, client_address)
+        for sid in decoded.get("forgotten", ()):  # absent from snapshots written before it
+            state.forgotten[sid] = None
         return state
 
 

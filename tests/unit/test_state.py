@@ -182,17 +182,43 @@ def test_an_unknown_session_must_start_at_seq_1(seq: int) -> None:
     assert stored(state) == before
 
 
-def test_a_retry_of_a_forgotten_range_is_still_a_duplicate_without_indexes() -> None:
+def test_a_retry_of_a_forgotten_range_is_unknown_never_a_guessed_success() -> None:
     state = opened("jobs")
     for seq in range(1, SESSION_RANGES + 2):
         append(state, "jobs", A, seq, b"%d" % seq)
-    assert append(state, "jobs", A, 1, b"1") == {
-        "ok": True,
-        "indexes": [None],
-        "duplicate": True,
-    }
-    assert append(state, "jobs", A, 2, b"2")["indexes"] == [1]
-    assert len(items(state, "jobs")) == SESSION_RANGES + 1
+    before = items(state, "jobs")
+    refused = append(state, "jobs", A, 1, b"1")
+    assert refused["ok"] is False and refused["code"] == "commit_unknown"
+    assert refused["details"] == {"session_expired": True}
+    assert append(state, "jobs", A, 2, b"2")["indexes"] == [1]  # still remembered
+    assert items(state, "jobs") == before
+
+
+def test_a_forgotten_refusal_is_not_reported_as_stored() -> None:
+    state = opened("jobs")
+    run1(state, ["stop", "jobs"])
+    assert append(state, "jobs", A, 1, b"x")["code"] == "channel_stopped"
+    assert run1(state, ["open", "other", None])["ok"]
+    for seq in range(2, SESSION_RANGES + 3):
+        append(state, "other", A, seq, b"%d" % seq)
+    again = append(state, "jobs", A, 1, b"x")
+    assert again["ok"] is False and again["code"] == "commit_unknown"
+
+
+def test_a_session_pushed_out_or_ended_cannot_start_again() -> None:
+    """Its first append's retry would otherwise be applied a second time."""
+    two = (10_000, 2)  # room for two sessions
+    state = opened("jobs")
+    for sid, data in ((A, b"a"), (B, b"b"), (C, b"c")):  # C pushes A out
+        assert run1(state, ["append", "jobs", sid, 1, [data]], limits=two)["ok"]
+    retry = run1(state, ["append", "jobs", A, 1, [b"a"]], limits=two)
+    assert retry["code"] == "commit_unknown" and retry["details"]["session_expired"]
+    assert run1(state, ["end_session", B], limits=two)["ok"]
+    assert run1(state, ["append", "jobs", B, 1, [b"b"]], limits=two)["code"] == "commit_unknown"
+    assert items(state, "jobs") == [b"a", b"b", b"c"]
+    restored = ChannelState.from_bytes(state.to_bytes())
+    retry = run1(restored, ["append", "jobs", A, 1, [b"a"]], limits=two)
+    assert retry["code"] == "commit_unknown"
 
 
 # -- stop, and what a refused append means for the session ------------------------------
@@ -611,6 +637,7 @@ class ChannelsAgainstModel(RuleBasedStateMachine):
         self.state = ChannelState()
         self.channels: dict[str, ModelChannel] = {}
         self.sessions: dict[bytes, ModelSession] = {}
+        self.forgotten: set[bytes] = set()  # ended sessions: their ids stay refused
         self.counter = 0
 
     def apply(self, op: list[Any]) -> Result:
@@ -622,6 +649,8 @@ class ChannelsAgainstModel(RuleBasedStateMachine):
 
     def expect_append(self, sid: bytes, name: str, seq: int, values: list[bytes]) -> Result:
         """What the state must answer to this in-order append, updating the model."""
+        if sid in self.forgotten:
+            return {"ok": False, "code": "commit_unknown"}
         session = self.sessions.setdefault(sid, ModelSession())
         end = seq + len(values) - 1
         assert seq <= session.last_seq + 1
@@ -736,7 +765,8 @@ class ChannelsAgainstModel(RuleBasedStateMachine):
     @rule(sid=st.sampled_from(MODEL_SESSIONS))
     def end_session(self, sid: bytes) -> None:
         assert self.apply(["end_session", sid]) == {"ok": True}
-        self.sessions.pop(sid, None)
+        if self.sessions.pop(sid, None) is not None:
+            self.forgotten.add(sid)
 
     @invariant()
     def channels_match(self) -> None:
