@@ -238,3 +238,25 @@ def test_a_cluster_without_a_dask_scheduler_refuses_futures(
             chan.append("data is fine")
             chan.flush()
             assert list(chan.data) == ["data is fine"]
+
+
+def test_async_clients_on_one_loop(
+    rc_cluster: LocalCluster, dask_cluster: distributed.LocalCluster
+) -> None:
+    import asyncio
+
+    async def main() -> list[Any]:
+        async with (
+            distributed.Client(
+                dask_cluster.scheduler_address, asynchronous=True, set_as_default=False
+            ) as dask,
+            raftchan.AsyncClient(rc_cluster.addresses, dask_client=dask, timeout=OP_TIMEOUT) as rc,
+        ):
+            chan = await rc.channel("async")
+            chan.append(dask.submit(inc, 41))
+            chan.append("data")
+            await chan.flush()
+            future, data = await chan.data()
+            return [await future, data]
+
+    assert asyncio.run(main()) == [42, "data"]

@@ -53,9 +53,11 @@ def combine() -> None:
 
 
 @pytest.fixture(name="installed")
-def installed_fixture(rc_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def installed_fixture(
+    rc_cluster: LocalCluster, dask_client: distributed.Client, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
     monkeypatch.setenv("RAFTCHAN_ADDRESS", rc_cluster.addresses)
-    raftchan.dask.install()
+    raftchan.dask.install(dask_client)  # here and on the workers (in this process here)
     try:
         yield
     finally:
