@@ -276,6 +276,18 @@ class Replica:
         """True once this node has applied everything the leader had committed when it joined."""
         return bool(self._node.isReady())
 
+    def hears_leader(self) -> bool:
+        """True if this node leads, or heard from its leader within one election timeout.
+
+        pysyncobj starts no election while a node has no peer connection at all, so such
+        a node keeps naming its old leader for ever; the election deadline, which every
+        message from the leader pushes back, tells a live leader from a remembered one.
+        """
+        if self.is_leader:
+            return True
+        deadline = self._node._SyncObj__raftElectionDeadline
+        return self.leader_raft_address() is not None and time.monotonic() < float(deadline)
+
     def leader_raft_address(self) -> str | None:
         leader = self._node._getLeader()
         return None if leader is None else str(leader.id)

@@ -383,7 +383,7 @@ class NodeServer:
                 caught_up = (
                     position >= request.min_position
                     and self.replica.is_ready
-                    and self.replica.leader_raft_address() is not None
+                    and self.replica.hears_leader()
                 )
                 has_news = channel is not None and (
                     channel.next > request.start or channel.stopped or request.start < channel.first

@@ -8,6 +8,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -247,3 +248,24 @@ def test_put_returns_the_index_each_item_was_stored_at(cluster: LocalCluster) ->
         chan.stop()
         with pytest.raises(raftchan.ChannelStopped):
             chan.put("late")
+
+
+def test_an_iteration_on_a_cut_off_follower_moves_on_and_sees_the_stop(tmp_path: Path) -> None:
+    local = LocalCluster(3, base_dir=tmp_path / "cluster", fault_injection=True)
+    try:
+        local.start()
+        leader = local.wait_ready(timeout=60.0)
+        follower = next(i for i in range(3) if i != leader)
+        reader = Reader(follower_first(local, follower), "far")
+        with raftchan.Client(local.addresses, timeout=OP_TIMEOUT) as client:
+            chan = client.channel("far")
+            reader.start()
+            assert reader.started_iterating.wait(OP_TIMEOUT)
+            chan.put("before")
+            local.isolate(follower)
+            chan.extend(["during", "the", "cut"])
+            chan.stop()
+            # The cut-off follower never hears of these; the reader must go elsewhere.
+            assert reader.result() == ["before", "during", "the", "cut"]
+    finally:
+        local.close()
