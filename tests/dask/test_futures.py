@@ -177,6 +177,13 @@ def test_maxlen_trimming_releases_the_trimmed_keys_only(
         time.sleep(0.5)  # and not to forget the retained ones a little later
         assert [k for k in keys if k in tasks] == keys[-3:]
         assert [f.result(timeout=OP_TIMEOUT) for f in chan.data] == [8, 9, 10]
+        chan.stop()
+        chan.delete()
+        wait_for(
+            lambda: not [k for k in keys if k in tasks],
+            LOST_BOUND,
+            "the scheduler to forget the keys of the deleted channel",
+        )
 
 
 def test_a_lost_key_raises_future_lost_in_bounded_time(
@@ -260,3 +267,25 @@ def test_async_clients_on_one_loop(
             return [await future, data]
 
     assert asyncio.run(main()) == [42, "data"]
+
+
+def test_scheduler_side_release_skips_names_the_scheduler_does_not_know(
+    dask_cluster: distributed.LocalCluster, dask_client: distributed.Client
+) -> None:
+    from raftchan import _scheduler_ops
+
+    future = dask_client.submit(inc, 5, pure=False)
+    future.result(timeout=OP_TIMEOUT)
+    name = pin_name("scheduler-ops")
+    # Releasing under an unknown name would raise KeyError on the scheduler and close the
+    # connection (cancelling this client's futures); it must be a no-op instead.
+    released = dask_client.run_on_scheduler(
+        _scheduler_ops.release, {pin_name("never-used"): [future.key]}
+    )
+    assert released == 0 and future.status == "finished"
+    missing = dask_client.run_on_scheduler(
+        _scheduler_ops.pin, {name: [future.key, "no-such-key"]}, 0.1
+    )
+    assert missing == {name: ["no-such-key"]}
+    assert dask_client.run_on_scheduler(_scheduler_ops.release, {name: [future.key]}) == 1
+    assert future.result(timeout=OP_TIMEOUT) == 6
