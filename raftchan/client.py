@@ -809,9 +809,11 @@ class AsyncClient:
     async def channel(
         self, name: str, maxlen: int | None = None, timeout: float | None = None
     ) -> AsyncChannel:
-        """Open channel ``name``: create it if missing, and set its ``maxlen`` either way.
+        """Open channel ``name``, creating it if missing.
 
-        ``maxlen=None`` means unbounded; a number keeps only the newest ``maxlen`` items.
+        A new channel keeps only its newest ``maxlen`` items (``None``: unbounded). On an
+        existing channel a number sets its bound (trimming at once if smaller), while
+        ``None`` keeps the bound it has, so readers never lift a writer's bound.
         Raises :class:`~raftchan.errors.LimitExceeded` when the cluster holds its maximum
         number of channels, :class:`~raftchan.errors.RequestInvalid` for a bad name or
         maxlen, and :class:`NoLeader` / :class:`Timeout` as described in the module docs.

@@ -282,7 +282,9 @@ class ChannelState:
                     size=len(self.channels) + 1,
                 )
             channel = self.channels[name] = Channel(maxlen=maxlen)
-        else:
+        elif maxlen is not None and maxlen != channel.maxlen:
+            # Only an explicit bound changes an existing channel: a reader that opens it
+            # without one must not lift the writer's bound (nor trim anything).
             channel.maxlen = maxlen
             released = channel.trim()
             if released:

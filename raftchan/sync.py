@@ -102,8 +102,8 @@ class Client:
     def channel(
         self, name: str, maxlen: int | None = None, timeout: float | None = None
     ) -> Channel:
-        """Open channel ``name`` (create if missing, set ``maxlen``); see
-        :meth:`AsyncClient.channel` for the errors."""
+        """Open channel ``name`` (created if missing; ``maxlen`` as in
+        :meth:`AsyncClient.channel`, which also lists the errors)."""
         return Channel(self, self._run(self._async.channel(name, maxlen, timeout)))
 
     def flush(self, timeout: float | None = None) -> None:

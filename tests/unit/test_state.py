@@ -90,8 +90,13 @@ def test_open_of_an_existing_channel_sets_maxlen_and_keeps_its_items() -> None:
     assert result["ok"] and result["maxlen"] == 2
     assert (result["first"], result["next"]) == (2, 4)
     assert items(state, "jobs") == [b"3", b"4"]
-    # Back to unbounded: what was trimmed stays gone.
-    assert run1(state, ["open", "jobs", None])["first"] == 2
+    # Opening without a bound (a reader, say) keeps the channel's bound.
+    reopened = run1(state, ["open", "jobs", None])
+    assert (reopened["maxlen"], reopened["first"]) == (2, 2)
+    append(state, "jobs", A, 5, b"5")
+    assert items(state, "jobs") == [b"4", b"5"]
+    # A larger bound widens it; what was trimmed stays gone.
+    assert run1(state, ["open", "jobs", 10])["first"] == 3
 
 
 def test_open_does_not_restart_a_stopped_channel() -> None:
@@ -699,7 +704,8 @@ class ChannelsAgainstModel(RuleBasedStateMachine):
     def open(self, name: str, maxlen: int | None) -> None:
         result = self.apply(["open", name, maxlen])
         channel = self.channels.setdefault(name, ModelChannel(maxlen))
-        channel.maxlen = maxlen
+        if maxlen is not None:  # opening without a bound keeps the channel's own
+            channel.maxlen = maxlen
         channel.trim()
         assert result["ok"] and result["first"] == channel.first
 
