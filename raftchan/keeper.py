@@ -14,6 +14,9 @@ keeper does, only while its node leads:
   reported lost through ``mark_lost``.
 - **Release.** Keys a trim or delete left unreferenced are released, after checking (at
   the moment of release) that the channel still does not reference them.
+- **Watch.** An idle keeper checks every :data:`HEALTH_INTERVAL` seconds that the
+  scheduler is still the same one (its id); a restarted scheduler has forgotten every
+  key, so the keeper reconnects and re-asserts, which marks those keys lost.
 
 All scheduler calls go through one worker task, in order: a release and a later pin of
 the same key can never be reordered on the scheduler. While the scheduler is unreachable
@@ -52,6 +55,10 @@ CONNECT_TIMEOUT = 5.0
 MAX_BACKOFF = 2.0
 #: Keys per re-assert call (bounds the size of one message to the scheduler).
 REASSERT_CHUNK = 20_000
+#: How often an idle keeper checks that it still talks to the same scheduler. A restarted
+#: scheduler has forgotten every key: the keeper then reconnects and re-asserts, which
+#: marks the keys lost in the channels.
+HEALTH_INTERVAL = 2.0
 #: Released keys are released once more this many seconds later. A writer's own pin
 #: travels on the writer's Dask connection and may reach the scheduler after the leader
 #: released the key (trimmed right after its append); the second release catches such a
@@ -104,6 +111,7 @@ class Keeper:
         self._releases: list[tuple[str, list[bytes]]] = []
         self._task: asyncio.Task[None] | None = None
         self._client: DaskClient | None = None
+        self._scheduler_id: str | None = None
         #: Set while connected with every key re-asserted since this node became leader.
         self.ready = asyncio.Event()
         #: Figures of the last re-assert (for status and logs).
@@ -212,7 +220,7 @@ class Keeper:
                 backoff = min(backoff * 2, MAX_BACKOFF)
 
     async def _connect(self) -> None:
-        self._client = await asyncio.wait_for(
+        client: DaskClient = await asyncio.wait_for(
             DaskClient(
                 self.address,
                 asynchronous=True,
@@ -221,7 +229,12 @@ class Keeper:
             ),
             CONNECT_TIMEOUT * 2,
         )
-        logger.info("keeper connected to the Dask scheduler %s", self.address)
+        self._client = client
+        identity = await asyncio.wait_for(client.scheduler.identity(), RPC_TIMEOUT)
+        self._scheduler_id = identity.get("id")
+        logger.info(
+            "keeper connected to the Dask scheduler %s (id %s)", self.address, self._scheduler_id
+        )
 
     async def _disconnect(self) -> None:
         client, self._client = self._client, None
@@ -283,10 +296,25 @@ class Keeper:
                 await self._run_confirms()
             if not self._releases and not self._confirms:
                 self._wake.clear()
-                await self._wake.wait()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), HEALTH_INTERVAL)
+                except asyncio.TimeoutError:
+                    await self._check_scheduler()
             elif self._confirms and not self._releases:
                 # Keys not known yet: give the writers' submissions a moment.
                 await asyncio.sleep(0.02)
+
+    async def _check_scheduler(self) -> None:
+        """Raise (so the worker reconnects and re-asserts) if the scheduler was replaced."""
+        client = self._client
+        if client is None:
+            raise ConnectionError("not connected")
+        identity = await asyncio.wait_for(client.scheduler.identity(), RPC_TIMEOUT)
+        if identity.get("id") != self._scheduler_id:
+            raise ConnectionError(
+                f"the scheduler was replaced (id {self._scheduler_id} -> {identity.get('id')}); "
+                "its keys are gone"
+            )
 
     async def _run_releases(self) -> None:
         batch, self._releases = self._releases, []

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import distributed
+import pytest
 
 import raftchan
 from cluster.harness import LocalCluster
@@ -64,3 +65,47 @@ def test_data_appends_go_on_without_the_scheduler_and_futures_work_once_it_is_up
             assert data == "data while Dask is away"
             assert future.result(timeout=OP_TIMEOUT) == 2
         assert "keeper re-asserted" in rc.logs()[rc.names[leader]]
+
+
+def _local_dask(port: int) -> distributed.LocalCluster:
+    return distributed.LocalCluster(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=False,
+        protocol="tcp",
+        scheduler_port=port,
+        dashboard_address=None,
+    )
+
+
+def test_a_restarted_scheduler_makes_the_keeper_mark_the_keys_lost(tmp_path: Path) -> None:
+    [port] = free_ports(1, "127.0.0.1")
+    address = f"tcp://127.0.0.1:{port}"
+    with LocalCluster(3, base_dir=tmp_path / "c", extra_args=["--dask-scheduler", address]) as rc:
+        rc.start()
+        rc.wait_ready(timeout=60)
+        with (
+            _local_dask(port) as dask_cluster,
+            distributed.Client(dask_cluster, set_as_default=False) as dask,
+            raftchan.Client(rc.addresses, dask_client=dask, timeout=OP_TIMEOUT) as client,
+        ):
+            chan = client.channel("gone")
+            future = dask.submit(inc, 1)
+            key = future.key
+            chan.append(future)
+            chan.flush()
+        # A new scheduler on the same address knows none of the old keys.
+        with (
+            _local_dask(port) as dask_cluster,
+            distributed.Client(dask_cluster, set_as_default=False) as dask,
+        ):
+            deadline = time.monotonic() + RETRY_BOUND
+            leader = rc.leader()
+            while leader is None or "(1 unknown, marked lost)" not in rc.logs()[rc.names[leader]]:
+                assert time.monotonic() < deadline, "the keeper did not notice the new scheduler"
+                time.sleep(0.2)
+                leader = rc.leader()
+            with raftchan.Client(rc.addresses, dask_client=dask, timeout=OP_TIMEOUT) as client:
+                [lost] = client.channel("gone").data
+                with pytest.raises(raftchan.FutureLost, match=key):
+                    lost.result(timeout=OP_TIMEOUT)
