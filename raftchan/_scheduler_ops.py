@@ -56,3 +56,13 @@ def release(groups: dict[str, list[Any]], dask_scheduler: Any = None) -> int:
             dask_scheduler.client_releases_keys(keys=wanted, client=name)
             released += len(wanted)
     return released
+
+
+def wanted(names: list[str], dask_scheduler: Any = None) -> dict[str, list[Any]]:
+    """For each name the scheduler knows, the keys it desires."""
+    result = {}
+    for name in names:
+        client_state = dask_scheduler.clients.get(name)
+        if client_state is not None and client_state.wants_what:
+            result[name] = [ts.key for ts in client_state.wants_what]
+    return result

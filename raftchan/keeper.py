@@ -265,19 +265,44 @@ class Keeper:
                 groups.setdefault(name, []).append(decode_key(key))
             missing = await self._call(_scheduler_ops.pin, groups, 0.0)
             lost_total += self._report_lost(missing)
+        released = await self._release_unreferenced(list(by_channel))
         elapsed = time.perf_counter() - started
         self.last_reassert_keys = total
         self.last_reassert_seconds = elapsed
         self.ready.set()
         logger.info(
             "keeper re-asserted %d future keys in %d channels on %s in %.3f s (%d unknown, "
-            "marked lost)",
+            "marked lost; %d no longer referenced, released)",
             total,
             len(by_channel),
             self.address,
             elapsed,
             lost_total,
+            released,
         )
+
+    async def _release_unreferenced(self, channels: list[str]) -> int:
+        """Release what the channels' names desire but the channels no longer reference.
+
+        Catches releases a previous leader decided but did not live to send. Also releases
+        writers' pins of appends not committed yet; harmless, since each such writer keeps
+        its own Future until the append is answered, and that answer waits for this
+        keeper's confirmation, which pins again.
+        """
+        names = [pin_name(channel) for channel in channels]
+        released = 0
+        for start in range(0, len(names), REASSERT_CHUNK):
+            wanted = await self._call(_scheduler_ops.wanted, names[start : start + REASSERT_CHUNK])
+            groups: dict[str, list[Any]] = {}
+            for name, keys in wanted.items():
+                channel = name[len(PIN_PREFIX) :]
+                gone = self._unreferenced(channel, [encode_key(k) for k in keys])
+                if gone:
+                    groups[name] = [decode_key(k) for k in gone]
+            if groups:
+                released += await self._call(_scheduler_ops.release, groups)
+        self.released_total += released
+        return released
 
     def _report_lost(self, missing: dict[str, list[Any]]) -> int:
         count = 0

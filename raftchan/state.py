@@ -471,11 +471,10 @@ class ChannelState:
         )
 
     def pinned_keys(self) -> dict[str, list[bytes]]:
-        """Per channel, the keys its items reference that are not marked lost."""
+        """Per channel (every channel, so none is missed), its referenced keys not marked lost."""
         return {
             name: [key for key in channel.refs if key not in channel.lost]
             for name, channel in self.channels.items()
-            if channel.refs
         }
 
     def unreferenced(self, name: str, keys: list[bytes]) -> list[bytes]:

@@ -289,3 +289,37 @@ def test_scheduler_side_release_skips_names_the_scheduler_does_not_know(
     assert missing == {name: ["no-such-key"]}
     assert dask_client.run_on_scheduler(_scheduler_ops.release, {name: [future.key]}) == 1
     assert future.result(timeout=OP_TIMEOUT) == 6
+
+
+def test_a_new_leader_releases_pins_no_item_references(
+    rc_cluster: LocalCluster,
+    dask_cluster: distributed.LocalCluster,
+    dask_client: distributed.Client,
+) -> None:
+    with raftchan.Client(rc_cluster.addresses, dask_client=dask_client, timeout=OP_TIMEOUT) as rc:
+        chan = rc.channel("orphans")
+        kept = dask_client.submit(inc, 1, pure=False)
+        chan.append(kept)
+        chan.flush()
+        # A writer that pinned a key and died before its append reached the cluster (or a
+        # leader that died before sending a release) leaves a pin no item references.
+        orphan = dask_client.submit(inc, 2, pure=False)
+        orphan.result(timeout=OP_TIMEOUT)  # known to the scheduler before the pin below
+        orphan_key, kept_key = orphan.key, kept.key
+        dask_client.run_on_scheduler(_desire_on_scheduler, [orphan_key], pin_name("orphans"))
+        del orphan, kept
+        tasks = dask_cluster.scheduler.tasks
+        time.sleep(0.5)
+        assert orphan_key in tasks
+        leader = rc_cluster.leader()
+        assert leader is not None
+        rc_cluster.kill(leader)
+        rc_cluster.wait_leader(timeout=OP_TIMEOUT)
+        wait_for(lambda: orphan_key not in tasks, LOST_BOUND, "the orphan pin to be released")
+        assert kept_key in tasks
+        [item] = chan.data
+        assert item.result(timeout=OP_TIMEOUT) == 2
+
+
+def _desire_on_scheduler(keys: list[str], name: str, dask_scheduler: Any = None) -> None:
+    dask_scheduler.client_desires_keys(keys=keys, client=name)

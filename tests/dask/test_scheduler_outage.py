@@ -101,7 +101,7 @@ def test_a_restarted_scheduler_makes_the_keeper_mark_the_keys_lost(tmp_path: Pat
         ):
             deadline = time.monotonic() + RETRY_BOUND
             leader = rc.leader()
-            while leader is None or "(1 unknown, marked lost)" not in rc.logs()[rc.names[leader]]:
+            while leader is None or "(1 unknown, marked lost" not in rc.logs()[rc.names[leader]]:
                 assert time.monotonic() < deadline, "the keeper did not notice the new scheduler"
                 time.sleep(0.2)
                 leader = rc.leader()
