@@ -43,6 +43,7 @@ from raftchan.errors import (
     ChannelStopped,
     Closed,
     CommitUnknown,
+    DaskUnavailable,
     FutureLost,
     NoLeader,
     NotLeader,
@@ -780,6 +781,8 @@ class AsyncClient:
         #: Highest state position seen in any response: polls ask for at least this.
         self._position = 0
         self._closed = False
+        #: Why the last append had to be re-sent (named by flush's Timeout).
+        self._last_append_error: RaftchanError | None = None
 
     # -- public API ------------------------------------------------------------------------
 
@@ -844,9 +847,12 @@ class AsyncClient:
             if not done:
                 self._flushers = [(t, f) for t, f in self._flushers if f is not waiter]
                 unanswered = target - self._outbox.done_through()
+                last = self._last_append_error
+                # Say why they keep being retried (no leader, Dask unavailable, ...).
+                cause = "" if last is None else f"; last retry after {type(last).__name__}: {last}"
                 raise Timeout(
                     f"flush: appends still unconfirmed after {self._timeout_of(timeout):.1f}s "
-                    "(they stay queued and keep being retried)",
+                    f"(they stay queued and keep being retried{cause})",
                     unanswered=unanswered,
                 )
             waiter.result()  # raises Closed if the client was closed meanwhile
@@ -1123,6 +1129,7 @@ class AsyncClient:
         if not isinstance(error, RaftchanError):
             lost = error.get("lost") or ()
             self._outbox.acknowledge(batch, error.get("indexes") or (), lost)
+            self._last_append_error = None
             self._sender_backoff.reset()
         elif isinstance(error, Closed):
             return
@@ -1140,6 +1147,8 @@ class AsyncClient:
         self._sender_wake.set()
 
     def _retry_appends(self, batch: _Batch, conn: _Connection, error: RaftchanError) -> None:
+        if not isinstance(error, NotLeader):  # a redirect is routine, not a reason
+            self._last_append_error = error
         expected = error.details.get("expected")
         if isinstance(expected, int) and self._outbox.gap(batch, expected):
             logger.info("the cluster skipped refused appends; continuing in a new session")
@@ -1148,7 +1157,9 @@ class AsyncClient:
         if batch.epoch != self._outbox.epoch:
             return  # an answer from before the last re-send: that re-send covers it
         hint = error.leader if isinstance(error, NotLeader) else None
-        if expected is None:  # a sequence gap says nothing against this connection
+        # A sequence gap says nothing against this connection, nor does the leader's
+        # keeper failing to reach Dask: it is still the leader.
+        if expected is None and not isinstance(error, DaskUnavailable):
             self._link.abandon(conn, hint)
         self._outbox.rewind()
         self._in_flight = 0
