@@ -807,6 +807,7 @@ TestChannelsAgainstModel.settings = settings(
 
 names = st.sampled_from(["a", "b", "c"])
 sessions = st.sampled_from([A, B, C])
+future_keys = st.sampled_from([b"k1", b"k2", b"k3", b"k4"])
 ops = st.one_of(
     st.tuples(st.just("open"), names, st.sampled_from([None, 1, 2, 4])),
     st.tuples(
@@ -816,6 +817,17 @@ ops = st.one_of(
         st.integers(1, 8),
         st.lists(st.binary(max_size=3), min_size=1, max_size=3),
     ),
+    st.integers(1, 3).flatmap(
+        lambda n: st.tuples(
+            st.just("append"),
+            names,
+            sessions,
+            st.integers(1, 8),
+            st.lists(st.binary(max_size=3), min_size=n, max_size=n),
+            st.lists(st.lists(future_keys, max_size=2), min_size=n, max_size=n),
+        )
+    ),
+    st.tuples(st.just("lost"), names, st.lists(future_keys, max_size=2)),
     st.tuples(st.just("stop"), names),
     st.tuples(st.just("delete"), names),
     st.tuples(st.just("end_session"), sessions),
@@ -847,6 +859,34 @@ def test_a_restored_snapshot_goes_on_like_the_original(
         assert restored.to_bytes() == original.to_bytes()
     for name in ("a", "b", "c"):
         assert restored.read(name, None, None, 100) == original.read(name, None, None, 100)
+
+
+@settings(derandomize=True, deadline=None, database=None, max_examples=300)
+@given(history=commands)
+def test_key_references_always_match_the_retained_items(history: list[bytes]) -> None:
+    """Reference counts equal a recount from the retained items; a key is reported
+    released exactly when its channel stops referencing it."""
+    state = ChannelState()
+    for command in history:
+        before = {name: set(c.refs) for name, c in state.channels.items()}
+        results = state.apply(command)
+        ops = msgpack.unpackb(command, raw=False)["ops"]
+        released: dict[str, set[bytes]] = {}
+        for op, result in zip(ops, results, strict=True):
+            if result.get("released"):
+                released.setdefault(op[1], set()).update(result["released"])
+        for channel in state.channels.values():
+            recount: dict[bytes, int] = {}
+            for index, keys in channel.keys.items():
+                assert channel.first <= index < channel.next
+                for key in keys:
+                    recount[key] = recount.get(key, 0) + 1
+            assert channel.refs == recount
+            assert channel.lost <= set(channel.refs)
+        for name, had in before.items():
+            now = set(state.channels[name].refs) if name in state.channels else set()
+            # Keys may be released and referenced again within one command.
+            assert had - now <= released.get(name, set())
 
 
 # ---------------------------------------------------------------------------------------
