@@ -4,8 +4,8 @@ An item that is (or contains) a ``distributed.Future`` is stored as a msgpack ex
 (code :data:`FUTURE_EXT`) whose payload is the msgpack encoding of the future's key. The
 cluster keeps such keys alive on the Dask scheduler under a fixed scheduler-side name per
 channel (:func:`pin_name`), so no failure of a writer, a reader or a raftchan node
-releases them. This module needs ``distributed`` only when it is imported;
-``raftchan.Client`` falls back to the plain codec without it.
+releases them. The codec imports ``distributed`` only once it meets a future (a program
+that never imported ``distributed`` holds none), so plain clients do not pay for it.
 
 Writing (:meth:`DaskCodec.encode_items`)
     The writer pins each key under the channel's name *on the connection of the Dask
@@ -31,20 +31,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import weakref
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
-from distributed import Client as DaskClient
-from distributed import Future
 
 from raftchan.codec import Encoded, ItemCodec
 from raftchan.errors import FutureLost, ItemNotEncodable
 from raftchan.limits import DEFAULT_LIMITS
 
+if TYPE_CHECKING:
+    from distributed import Client as DaskClient
+    from distributed import Future
+
 __all__ = ["FUTURE_EXT", "DaskCodec", "install", "pin_name", "uninstall"]
+
+#: Marks "the reader's Dask client is not looked up yet" while a page is decoded.
+_UNRESOLVED = object()
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +115,8 @@ class DaskCodec(ItemCodec):
     # -- writing ---------------------------------------------------------------------------
 
     def default(self, obj: Any) -> Any:
-        if isinstance(obj, Future):
+        distributed = sys.modules.get("distributed")
+        if distributed is not None and isinstance(obj, distributed.Future):
             key = encode_key(obj.key)
             found = getattr(self._local, "found", None)
             if found is not None:
@@ -158,24 +165,29 @@ class DaskCodec(ItemCodec):
 
     def ext_hook(self, code: int, data: bytes) -> Any:
         client = getattr(self._local, "client", None)
-        if code != FUTURE_EXT or client is None:
+        if code == FUTURE_EXT and client is _UNRESOLVED:
+            # The first future of the page: only now is distributed needed.
+            client = self._local.client = self._reader_client()
+        if code != FUTURE_EXT or client is None or client is _UNRESOLVED:
             return super().ext_hook(code, data)
+        from distributed import Future
+
         key = decode_key(data)
         self._local.keys.append(key)
         return Future(key, client)
 
     def decode_items(self, datas: Iterable[bytes]) -> list[Any]:
         """Decode a page; bind its futures to the reader's Dask client and check their keys."""
-        client = self._reader_client()
-        self._local.client = client
+        self._local.client = _UNRESOLVED
         self._local.keys = []
         try:
             items = [self.decode(data) for data in datas]
             keys: list[Any] = self._local.keys
+            client = self._local.client
         finally:
             self._local.client = None
             self._local.keys = []
-        if keys and client is not None:
+        if keys and client is not None and client is not _UNRESOLVED:
             keys = list(dict.fromkeys(keys))
             client._send_to_scheduler(
                 {"op": "client-desires-keys", "keys": keys, "client": client.id}
@@ -254,7 +266,7 @@ async def _fail_unknown_keys(
 # ---------------------------------------------------------------------------------------
 # distributed.Client.channel (opt-in)
 
-_clients: weakref.WeakKeyDictionary[DaskClient, Any] = weakref.WeakKeyDictionary()
+_clients: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 _clients_lock = threading.Lock()
 
 
@@ -283,12 +295,16 @@ def install(client: DaskClient | None = None) -> None:
     join later need it too: import a module that calls it, or a worker plugin), so that
     ``worker_client().channel(...)`` works inside tasks.
     """
-    DaskClient.channel = _channel  # type: ignore[attr-defined]
+    from distributed import Client
+
+    Client.channel = _channel  # type: ignore[attr-defined]
     if client is not None:
         client.run(install)
 
 
 def uninstall() -> None:
     """Remove what :func:`install` added to ``distributed.Client`` in this process."""
-    if getattr(DaskClient, "channel", None) is _channel:
-        del DaskClient.channel  # type: ignore[attr-defined]
+    from distributed import Client
+
+    if getattr(Client, "channel", None) is _channel:
+        del Client.channel  # type: ignore[attr-defined]

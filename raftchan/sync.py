@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import sys
 import threading
 import weakref
 from collections import deque
@@ -281,6 +282,8 @@ class Channel:
 
 def _current_dask_client() -> Any:
     """The Dask client ``distributed.get_client()`` gives in this thread, if one exists."""
+    if "distributed" not in sys.modules:
+        return None  # no Dask client can exist, and importing distributed is not free
     try:
         from distributed import default_client
         from distributed.worker import get_worker
