@@ -150,6 +150,13 @@ class Nemesis:
         if event.kind in LEADER_FAULTS and leader is None:
             record.note = "no agreed leader at that moment: the fault hit a random node"
             leader = event.target % n
+        target = leader if event.kind in LEADER_FAULTS else event.target % n
+        if event.kind != "kill_all" and target is not None and not cluster.is_running(target):
+            # Every earlier fault was healed, so a node that is down now exited by itself.
+            raise RuntimeError(
+                f"node {cluster.names[target]} is not running before {event.kind}: it exited "
+                "by itself (its log says why)"
+            )
         if event.kind in ("kill_leader", "kill_node"):
             victim = leader if event.kind == "kill_leader" else event.target % n
             assert victim is not None

@@ -106,14 +106,17 @@ def test_the_suite_catches_a_broken_build() -> None:
     isolated leader that still believes it leads serves stale reads to the clients that
     reach it. The run must be reported as a violation."""
     readers = tuple(
-        ClientPlan(tuple(("read", "ch0") for _ in range(60)), home=i, pinned=True) for i in range(3)
+        ClientPlan(tuple(("read", "ch0") for _ in range(120)), home=i, pinned=True)
+        for i in range(3)
     )
-    writers = tuple(ClientPlan(tuple(("append", "ch0") for _ in range(60)), home=i) for i in (0, 1))
-    workload = Workload(("ch0",), readers + writers, pause=0.1)
-    # Keep the isolated leader believing in itself long enough for the majority to
-    # elect another leader and commit past it.
-    tuning = dataclasses.replace(FAST_TUNING, leader_fallback_timeout=6.0)
-    schedule = [FaultEvent("isolate_leader", gap=1.0, duration=4.0)]
+    writers = tuple(
+        ClientPlan(tuple(("append", "ch0") for _ in range(120)), home=i) for i in (0, 1, 2)
+    )
+    workload = Workload(("ch0",), readers + writers, pause=0.1, op_timeout=10.0)
+    # Keep the isolated leader believing in itself for the whole cut, long enough for
+    # the majority to elect another leader and commit past it even on a loaded machine.
+    tuning = dataclasses.replace(FAST_TUNING, leader_fallback_timeout=20.0)
+    schedule = [FaultEvent("isolate_leader", gap=1.0, duration=8.0)]
 
     broken = play(workload, schedule, tuning=tuning, extra_args=["--unsafe-local-reads"])
     assert not broken.ok
@@ -150,6 +153,8 @@ def soak_summary() -> Iterator[list[RunReport]]:
 
 
 @pytest.mark.soak
+# One test function holds every soak run: give it the budget plus one run's worth.
+@pytest.mark.timeout(_SOAK_SECONDS + 900)
 @settings(
     max_examples=10_000, database=None, deadline=None, suppress_health_check=list(HealthCheck)
 )
