@@ -549,6 +549,8 @@ class _Connection:
         self._decoder = decoder
         self._next_id = 1
         self._pending: dict[int, tuple[asyncio.Future[dict[str, Any]], asyncio.TimerHandle]] = {}
+        #: The limits the node announced in its hello (empty for a node that did not).
+        self.node_limits: dict[str, int] = {}
         self.closed = False
         self._read_task = asyncio.get_running_loop().create_task(self._read_loop())
 
@@ -567,7 +569,13 @@ class _Connection:
         except BaseException:
             writer.close()
             raise
-        return cls(address, str(hello.get("node", "")), reader, writer, decoder)
+        conn = cls(address, str(hello.get("node", "")), reader, writer, decoder)
+        conn.node_limits = protocol.announced_limits(hello)
+        # Accept the largest frame the node may send (a read page fills its own limit).
+        decoder.max_frame_bytes = max(
+            max_frame_bytes, conn.node_limits.get("max_frame_bytes", max_frame_bytes)
+        )
+        return conn
 
     def send(self, request: protocol.Request, timeout: float) -> asyncio.Future[dict[str, Any]]:
         """Send ``request`` (its id is assigned here); the future gets the response map."""
@@ -1108,9 +1116,13 @@ class AsyncClient:
             await conn.drain()
 
     def _send_batches(self, conn: _Connection) -> None:
-        max_bytes = self.limits.max_frame_bytes - _APPEND_OVERHEAD
+        # Fit the batches to the smaller of our limits and the node's.
+        node = conn.node_limits
+        max_frame = min(self.limits.max_frame_bytes, node.get("max_frame_bytes", 1 << 62))
+        max_items = min(self.limits.max_batch_items, node.get("max_batch_items", 1 << 62))
+        max_bytes = max_frame - _APPEND_OVERHEAD
         while self._in_flight < self.max_in_flight:
-            batch = self._outbox.next_batch(self.limits.max_batch_items, max_bytes)
+            batch = self._outbox.next_batch(max_items, max_bytes)
             if batch is None:
                 return
             request = protocol.Append(

@@ -86,7 +86,7 @@ class FrameDecoder:
     """
 
     def __init__(self, max_frame_bytes: int = DEFAULT_LIMITS.max_frame_bytes) -> None:
-        self._max_frame_bytes = max_frame_bytes
+        self.max_frame_bytes = max_frame_bytes
         self._buffer = bytearray()
 
     @property
@@ -98,9 +98,9 @@ class FrameDecoder:
         self._buffer += data
         if len(self._buffer) >= _HEADER.size:
             (length,) = _HEADER.unpack_from(self._buffer)
-            if length > self._max_frame_bytes:
+            if length > self.max_frame_bytes:
                 raise ProtocolError(
-                    f"frame of {length} bytes exceeds the limit of {self._max_frame_bytes}",
+                    f"frame of {length} bytes exceeds the limit of {self.max_frame_bytes}",
                     limit="max_frame_bytes",
                     size=length,
                 )
@@ -108,9 +108,9 @@ class FrameDecoder:
     def messages(self) -> Iterator[dict[str, Any]]:
         while len(self._buffer) >= _HEADER.size:
             (length,) = _HEADER.unpack_from(self._buffer)
-            if length > self._max_frame_bytes:
+            if length > self.max_frame_bytes:
                 raise ProtocolError(
-                    f"frame of {length} bytes exceeds the limit of {self._max_frame_bytes}",
+                    f"frame of {length} bytes exceeds the limit of {self.max_frame_bytes}",
                     limit="max_frame_bytes",
                     size=length,
                 )
@@ -144,8 +144,36 @@ def hello_request() -> dict[str, Any]:
     return {"type": "hello", "version": PROTOCOL_VERSION}
 
 
-def hello_response(node_name: str) -> dict[str, Any]:
-    return {"type": "hello", "version": PROTOCOL_VERSION, "node": node_name}
+def hello_response(node_name: str, limits: Any = None) -> dict[str, Any]:
+    """The node's hello; with ``limits``, the bounds a client must fit its requests to.
+
+    A node may run with smaller limits than a client assumes (they are node flags): a
+    client that sized its batches from its own defaults would send frames the node can
+    only refuse, again and again.
+    """
+    message: dict[str, Any] = {"type": "hello", "version": PROTOCOL_VERSION, "node": node_name}
+    if limits is not None:
+        message["limits"] = {name: getattr(limits, name) for name in ANNOUNCED_LIMITS}
+    return message
+
+
+#: The limits a node announces in its hello.
+ANNOUNCED_LIMITS = ("max_frame_bytes", "max_item_bytes", "max_batch_items")
+
+
+def announced_limits(hello: dict[str, Any]) -> dict[str, int]:
+    """The positive integer limits a node's hello announced (older nodes announce none)."""
+    limits = hello.get("limits")
+    if not isinstance(limits, dict):
+        return {}
+    return {
+        name: value
+        for name, value in limits.items()
+        if name in ANNOUNCED_LIMITS
+        and isinstance(value, int)
+        and not isinstance(value, bool)
+        and value > 0
+    }
 
 
 def check_hello(message: dict[str, Any]) -> None:

@@ -202,9 +202,8 @@ class NodeServer:
                 for message in decoder.messages():
                     if not greeted:
                         protocol.check_hello(message)
-                        writer.write(
-                            protocol.encode_frame(protocol.hello_response(self.config.name))
-                        )
+                        hello = protocol.hello_response(self.config.name, self.limits)
+                        writer.write(protocol.encode_frame(hello))
                         greeted = True
                         continue
                     if len(requests) >= self.limits.max_pending_requests:

@@ -269,3 +269,25 @@ def test_an_iteration_on_a_cut_off_follower_moves_on_and_sees_the_stop(tmp_path:
             assert reader.result() == ["before", "during", "the", "cut"]
     finally:
         local.close()
+
+
+def test_a_client_fits_its_batches_to_a_node_with_smaller_limits(tmp_path: Path) -> None:
+    """Limits are node flags: a client with the default 4 MiB frames must not keep
+    sending frames that a node allowing 64 KiB can only refuse."""
+    small = ["--max-frame-bytes", "65536", "--max-item-bytes", "16384"]
+    local = LocalCluster(3, base_dir=tmp_path / "cluster", extra_args=small)
+    try:
+        local.start()
+        local.wait_ready(timeout=60.0)
+        with raftchan.Client(local.addresses, timeout=OP_TIMEOUT) as client:
+            chan = client.channel("small-frames")
+            items = [f"{i:05d}-" + "x" * 1000 for i in range(600)]  # about 600 KB in all
+            chan.extend(items)
+            chan.flush()
+            assert list(chan.data) == items  # read back page by page
+            chan.append("y" * 20_000)  # fits the client's own limit, not the node's
+            with pytest.raises(raftchan.LimitExceeded):
+                chan.flush()
+            assert len(chan) == len(items)
+    finally:
+        local.close()
