@@ -432,10 +432,29 @@ class LocalCluster:
                 side[i] = number
         for i in range(self.size):
             side.setdefault(i, len(groups))
-        self._cuts = {
-            i: {j for j in range(self.size) if side[j] != side[i]} for i in range(self.size)
-        }
+        pairs = [(i, j) for i in range(self.size) for j in range(i) if side[i] != side[j]]
+        self.cut_links(pairs, timeout)
+
+    def cut_links(self, pairs: Iterable[tuple[int, int]], timeout: float = 10.0) -> None:
+        """Cut Raft traffic between the two nodes of each pair, both ways; every other link
+        works. Replaces any earlier partition: any shape can be drawn this way.
+
+        Needs ``fault_injection=True``. ``timeout`` bounds telling each running node.
+        """
+        if not self.fault_injection:
+            raise RuntimeError("partitions need LocalCluster(..., fault_injection=True)")
+        cuts: dict[int, set[int]] = {i: set() for i in range(self.size)}
+        for i, j in pairs:
+            if i != j:
+                cuts[i].add(j)
+                cuts[j].add(i)
+        self._cuts = cuts
         self._apply_cuts(range(self.size), timeout)
+
+    def bridge(self, left: Sequence[int], right: Sequence[int], timeout: float = 10.0) -> None:
+        """Cut ``left`` off from ``right``; nodes in neither group hear both sides (the
+        bridge), as when one rack still reaches two others that lost each other."""
+        self.cut_links([(i, j) for i in left for j in right], timeout)
 
     def isolate(self, i: int, timeout: float = 10.0) -> None:
         """Cut node ``i`` off from every other node (see :meth:`partition`)."""

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 #: - ``isolate_leader``: cut the leader off from every other node; clients still reach
 #:   it, so a leader that served reads without confirming its leadership would serve
 #:   stale ones.
+#: - ``bridge``: split the other nodes into two sides that cannot hear each other while
+#:   node ``target`` still hears both (with 3 nodes: two nodes lose only each other).
 #: - ``kill_all``: SIGKILL every node at once (acknowledged writes just happened: the
 #:   workload keeps writing), restart them all when healed.
 FAULT_KINDS = (
@@ -38,6 +40,7 @@ FAULT_KINDS = (
     "pause_leader",
     "partition_minority",
     "isolate_leader",
+    "bridge",
     "kill_all",
 )
 
@@ -46,7 +49,7 @@ LEADER_FAULTS = frozenset({"kill_leader", "pause_leader", "isolate_leader"})
 LEADER_WAIT = 15.0
 
 #: Faults that need the nodes' fault hook (``LocalCluster(fault_injection=True)``).
-NETWORK_FAULTS = frozenset({"partition_minority", "isolate_leader"})
+NETWORK_FAULTS = frozenset({"partition_minority", "isolate_leader", "bridge"})
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,13 @@ class Nemesis:
             minority = [(event.target + k) % n for k in range(size)]
             record.nodes = named(minority)
             cluster.partition([minority])
+            return cluster.heal
+        if event.kind == "bridge":
+            middle = event.target % n
+            others = [i for i in range(n) if i != middle]
+            left, right = others[: len(others) // 2], others[len(others) // 2 :]
+            record.nodes = named([middle])
+            cluster.bridge(left, right)
             return cluster.heal
         if event.kind == "isolate_leader":
             assert leader is not None
