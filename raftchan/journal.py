@@ -255,8 +255,9 @@ class DurableJournal(pysyncobj.journal.Journal):
     def sync(self) -> None:
         """Make every entry added so far durable; cheap when nothing changed.
 
-        With ``fsync=False`` no fsync is issued but :attr:`synced_length` still advances:
-        the data is with the operating system, which survives a killed process.
+        With ``fsync=False`` no fsync is issued and :attr:`synced_length` stays where it
+        was: the data is with the operating system, which survives a killed process but
+        not a power loss (the emulated power loss of the tests then cuts it, as it should).
         """
         with self._lock:
             if not self._dirty or self._closed:
@@ -265,7 +266,7 @@ class DurableJournal(pysyncobj.journal.Journal):
                 # fdatasync also flushes the file size, which is all the metadata an
                 # append changes; it skips the timestamps.
                 _fdatasync_or_die(self._fd, self._path)
-            self._synced_length = self._end
+                self._synced_length = self._end
             self._dirty = False
             self._write_synced_record()
 
@@ -298,7 +299,9 @@ class DurableJournal(pysyncobj.journal.Journal):
             del self._entries[start:]
             del self._offsets[start:]
             self._end = new_end
-            self._synced_length = new_end
+            self._synced_length = min(self._synced_length, new_end)
+            if self._fsync_enabled:
+                self._synced_length = new_end
             self._dirty = False
             self._write_synced_record()
 
@@ -614,7 +617,8 @@ class DurableJournal(pysyncobj.journal.Journal):
         self._entries = list(entries)
         self._offsets = offsets
         self._end = offset
-        self._synced_length = offset
+        # Without fsync nothing of the new file is known to be on disk.
+        self._synced_length = offset if self._fsync_enabled else 0
         self._dirty = False
         self._write_synced_record()
 

@@ -463,3 +463,24 @@ def test_power_loss_keeps_every_acknowledged_item(tmp_path: Path) -> None:
         with raftchan.Client(cluster.addresses, timeout=CLIENT_TIMEOUT) as client:
             for name, count in finished:
                 assert_contents(client.channel(name), count)
+
+
+def test_power_loss_emulation_catches_a_journal_that_does_not_fsync(tmp_path: Path) -> None:
+    """The negative control of the test above: with ``--fsync never`` a node records
+    nothing as fsynced, so the same emulated power loss must take acknowledged items with
+    it. If it did not, the power-loss test could not fail."""
+    with running_cluster(
+        tmp_path / "cluster", extra_args=["--record-synced", "--fsync", "never"]
+    ) as cluster:
+        with raftchan.Client(cluster.addresses, timeout=CLIENT_TIMEOUT) as client:
+            chan = client.channel("unsynced")
+            chan.extend(range(100))
+            chan.flush()
+            assert len(chan) == 100
+        cluster.kill_all()
+        cut = [emulate_power_loss(node.spec.data_dir) for node in cluster.nodes]
+        assert all(cut), f"nothing unsynced to cut: {cut}"
+        cluster.restart_all()
+        cluster.wait_ready(timeout=READY_TIMEOUT)
+        with raftchan.Client(cluster.addresses, timeout=CLIENT_TIMEOUT) as client:
+            assert len(client.channel("unsynced")) < 100
