@@ -11,6 +11,7 @@ node logs in a folder whose path the report names.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import time
@@ -114,6 +115,7 @@ def run_case(
     report.unknown = sum(op.outcome == "unknown" for op in history)
     report.failed = sum(op.outcome == "fail" for op in history)
 
+    problems.extend(leaders_per_term(cluster))
     check = check_all(history, per_node_contents=per_node, time_limit=check_time_limit)
     report.verdict = check.linearizability.verdict
     if check.linearizability.verdict == "violation":
@@ -128,6 +130,22 @@ def run_case(
             _save_evidence(artifacts_dir, cluster, history, schedule, report, per_node, check)
         )
     return report
+
+
+_LEADER_LINE = re.compile(r"raft role \w+ -> leader \(term (\d+)\)")
+
+
+def leaders_per_term(cluster: LocalCluster) -> list[str]:
+    """Violations of Raft's election safety found in the node logs: a term with two leaders."""
+    leaders: dict[int, set[str]] = {}
+    for node in cluster.nodes:
+        for match in _LEADER_LINE.finditer(node.log_text()):
+            leaders.setdefault(int(match.group(1)), set()).add(node.spec.name)
+    return [
+        f"one_leader_per_term: term {term} had leaders {sorted(names)}"
+        for term, names in sorted(leaders.items())
+        if len(names) > 1
+    ]
 
 
 def _time_to_write(cluster: LocalCluster, bound: float) -> float | None:

@@ -216,7 +216,12 @@ class Replica:
         return snap.last_entry, snap.prev_entry, list(snap.node_ids)
 
     def _state_changed(self, old: int, new: int) -> None:
-        logger.info("raft role %s -> %s", _ROLE_NAMES.get(old), _ROLE_NAMES.get(new))
+        # The term goes into the log line so that a test can check that no term ever had
+        # two leaders (runs in pysyncobj's thread, which owns the term).
+        term = getattr(self._node, "_SyncObj__raftCurrentTerm", None)
+        logger.info(
+            "raft role %s -> %s (term %s)", _ROLE_NAMES.get(old), _ROLE_NAMES.get(new), term
+        )
         self._call_in_loop(self._on_role_changed)
 
     def _call_in_loop(self, callback: Callable[..., None], *args: Any) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
 import raftchan
+from cluster.faultrun import leaders_per_term
 from cluster.harness import LocalCluster, agreed_leader
 
 FAILOVER_TIMEOUT = 30.0
+LEADER_TERM = re.compile(r"-> leader \(term (\d+)\)")
 READY_TIMEOUT = 60.0
 
 
@@ -30,6 +33,10 @@ def test_leader_killed_then_replaced_then_restarted(cluster: LocalCluster) -> No
     cluster.restart(old)
     cluster.wait_ready(timeout=READY_TIMEOUT)
     assert_all_reachable(cluster)
+    # Two elections, two terms, one leader each: the logs show it and the check agrees.
+    terms = [int(term) for log in cluster.logs().values() for term in LEADER_TERM.findall(log)]
+    assert len(set(terms)) >= 2, terms
+    assert leaders_per_term(cluster) == []
 
 
 def test_paused_leader_is_replaced_and_rejoins(cluster: LocalCluster) -> None:
