@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 import raftchan
+from cluster.faultrun import contents_of_every_node
 from cluster.harness import LocalCluster
 from raftchan.journal import TEST_PAUSE_ENV, read_synced_length
 from raftchan.replica import JOURNAL_FILE, SNAPSHOT_FILE
@@ -484,3 +485,29 @@ def test_power_loss_emulation_catches_a_journal_that_does_not_fsync(tmp_path: Pa
         cluster.wait_ready(timeout=READY_TIMEOUT)
         with raftchan.Client(cluster.addresses, timeout=CLIENT_TIMEOUT) as client:
             assert len(client.channel("unsynced")) < 100
+
+
+def test_commands_near_128_kib_reach_every_follower(cluster: LocalCluster) -> None:
+    """Commands across the 128 KiB boundary reach every follower, live and when a paused
+    follower catches up. Sizes near it once left a follower stuck (pysyncobj 0.3.17 ended a
+    chunked transfer by comparing against the command's length, not the pickled entry's;
+    seen at 131,046 bytes), which is why the replica keeps every command below the chunk
+    size. This sweep did not reproduce that with pysyncobj's own 64 KiB chunks either, so
+    it guards large-entry replication in general, not that workaround in particular."""
+    sizes = list(range(130_900, 131_100, 4))
+    leader = cluster.leader()
+    assert leader is not None
+    lagging = (leader + 1) % cluster.size
+    with raftchan.Client(cluster.addresses, timeout=CLIENT_TIMEOUT) as client:
+        chan = client.channel("near-128k")
+        chan.put(b"live")  # sent to every follower as it happens
+        cluster.pause(lagging)  # ... and the rest it must fetch when it catches up
+        try:
+            for size in sizes:
+                chan.put(b"x" * size)  # one at a time: each is a Raft command of its own
+        finally:
+            cluster.resume(lagging)
+    sizes.insert(0, 4)
+    wait_converged(cluster)
+    for name, contents in contents_of_every_node(cluster, ["near-128k"]).items():
+        assert [len(item) for item in contents["near-128k"]] == sizes, name
