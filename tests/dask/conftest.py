@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from cluster.fixtures import started_cluster
 from cluster.harness import LocalCluster
 
 distributed = pytest.importorskip("distributed")
-
-#: How long a fresh raftchan cluster may take to start its processes and elect a leader.
-CLUSTER_READY_TIMEOUT = 60.0
-
-_RC_KEY = pytest.StashKey[LocalCluster]()
 
 
 @pytest.fixture(name="dask_cluster", scope="module")
@@ -45,27 +41,6 @@ def rc_cluster_fixture(
     request: pytest.FixtureRequest, tmp_path: Path, dask_cluster: distributed.LocalCluster
 ) -> Iterator[LocalCluster]:
     """A running 3-node raftchan cluster whose nodes keep futures on ``dask_cluster``."""
-    local = LocalCluster(
-        3,
-        base_dir=tmp_path / "cluster",
-        extra_args=["--dask-scheduler", dask_cluster.scheduler_address],
-    )
-    request.node.stash[_RC_KEY] = local
-    try:
-        local.start()
-        local.wait_ready(timeout=CLUSTER_READY_TIMEOUT)
+    extra_args = ["--dask-scheduler", dask_cluster.scheduler_address]
+    with started_cluster(request, tmp_path / "cluster", extra_args=extra_args) as local:
         yield local
-    finally:
-        local.close()
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """Attach every raftchan node's log tail to the report of a failed test."""
-    report = yield
-    local = item.stash.get(_RC_KEY, None)
-    if local is not None and report.failed:
-        report.sections.append(("raftchan node logs", local.log_tails()))
-    return report

@@ -16,7 +16,7 @@ import pytest
 
 import raftchan
 from cluster.faultrun import contents_of_every_node
-from cluster.harness import LocalCluster
+from cluster.harness import LocalCluster, receive_message
 from raftchan import protocol
 
 #: Seconds any single client operation may take on a loaded test machine.
@@ -179,26 +179,16 @@ def raw_connection(address: str) -> Iterator[socket.socket]:
     sock = socket.create_connection((host, int(port)), timeout=OP_TIMEOUT)
     try:
         sock.sendall(protocol.encode_frame(protocol.hello_request()))
-        protocol.check_hello(receive(sock))
+        protocol.check_hello(receive_message(sock))
         yield sock
     finally:
         sock.close()
 
 
-def receive(sock: socket.socket) -> dict[str, Any]:
-    decoder = protocol.FrameDecoder()
-    while True:
-        for message in decoder.messages():
-            return message
-        data = sock.recv(65536)
-        assert data, "the node closed the connection"
-        decoder.feed(data)
-
-
 def call(address: str, request: protocol.Request) -> dict[str, Any]:
     with raw_connection(address) as sock:
         sock.sendall(protocol.encode_frame(request.to_wire()))
-        return receive(sock)
+        return receive_message(sock)
 
 
 def test_a_repeated_append_is_stored_once(cluster: LocalCluster) -> None:
