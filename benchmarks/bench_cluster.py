@@ -431,7 +431,7 @@ def _failover_round(
 
 def environment() -> dict[str, Any]:
     try:
-        usable = len(os.sched_getaffinity(0))
+        usable: int | None = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         usable = os.cpu_count()
     return {

@@ -1,0 +1,142 @@
+"""NATS JetStream: three ``nats-server`` processes in a cluster, an R3 file stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from cluster.ports import free_ports
+
+from .core import Appender, Process, Skipped, System, say, stop_all, wait_tcp
+
+HOST = "127.0.0.1"
+STREAM = "BENCH"
+SUBJECT = "bench.items"
+READY_TIMEOUT_S = 60.0
+
+
+class NatsJetStream(System):
+    name = "nats-js-r3"
+    guarantees = (
+        "3 servers, file-backed stream with 3 replicas; publish returns once the stream "
+        "leader and a majority stored the message. JetStream fsyncs every 2 minutes by "
+        "default (sync_interval), so an acknowledged message lives in the page cache of "
+        "2 of 3 servers until then."
+    )
+
+    def __init__(self) -> None:
+        self.procs: list[Process] = []
+        self.ports: list[int] = []
+        self.conns: list[Any] = []
+        self.binary = shutil.which("nats-server") or ""
+
+    def start(self, workdir: Path) -> None:
+        if not self.binary:
+            raise Skipped("nats-server is not installed (apt-get install nats-server)")
+        try:
+            import nats  # noqa: F401
+        except ImportError as exc:
+            raise Skipped("nats-py is not installed (pip install -e '.[bench]')") from exc
+        ports = free_ports(6, HOST)
+        self.ports, routes = ports[:3], ports[3:]
+        base = workdir / "nats"
+        for i in range(3):
+            others = ", ".join(f"nats-route://{HOST}:{p}" for j, p in enumerate(routes) if j != i)
+            conf = base / f"n{i + 1}.conf"
+            conf.parent.mkdir(parents=True, exist_ok=True)
+            conf.write_text(
+                f'server_name: "n{i + 1}"\n'
+                f"listen: {HOST}:{self.ports[i]}\n"
+                f'jetstream {{ store_dir: "{base / f"n{i + 1}"}" }}\n'
+                f'cluster {{ name: "bench"\n listen: {HOST}:{routes[i]}\n'
+                f" routes: [{others}] }}\n"
+            )
+            self.procs.append(Process(f"nats n{i + 1}", [self.binary, "-c", str(conf)],
+                                      base / f"n{i + 1}.log"))
+        say(f"  nats: 3 servers started (pids {[p.pid for p in self.procs]})")
+        asyncio.run(self._create_stream())
+
+    async def _create_stream(self) -> None:
+        import nats
+        from nats.js.api import StorageType, StreamConfig
+
+        for port, proc in zip(self.ports, self.procs, strict=True):
+            await wait_tcp(HOST, port, 30.0, proc)
+        nc = await nats.connect(self._urls())
+        try:
+            js = nc.jetstream()
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while True:
+                try:
+                    await js.add_stream(StreamConfig(
+                        name=STREAM, subjects=[SUBJECT], num_replicas=3,
+                        storage=StorageType.FILE))
+                    break
+                except Exception as exc:  # the meta leader may not be elected yet
+                    if time.monotonic() >= deadline:
+                        raise Skipped(f"JetStream stream not created: {exc}") from exc
+                    await asyncio.sleep(0.5)
+            await js.publish(SUBJECT, b"ready", timeout=30.0)
+        finally:
+            await nc.close()
+        say("  nats: R3 stream ready")
+
+    def _urls(self) -> list[str]:
+        return [f"nats://{HOST}:{p}" for p in self.ports]
+
+    async def open_appenders(self, n: int, shared: bool) -> list[Appender]:
+        import nats
+
+        appenders: list[Appender] = []
+        js: Any = None
+        for _ in range(n):
+            if js is None or not shared:
+                nc = await nats.connect(self._urls())
+                self.conns.append(nc)
+                js = nc.jetstream()
+
+            async def append(item: bytes, js: Any = js) -> None:
+                await js.publish(SUBJECT, item, timeout=30.0)
+
+            appenders.append(append)
+        return appenders
+
+    async def close_appenders(self) -> None:
+        conns, self.conns = self.conns, []
+        for nc in conns:
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    async def count(self) -> int | None:
+        import nats
+
+        nc = await nats.connect(self._urls())
+        try:
+            info = await nc.jetstream().stream_info(STREAM)
+            return int(info.state.messages) - 1  # the "ready" message
+        finally:
+            await nc.close()
+
+    def stop(self) -> None:
+        stop_all(self.procs)
+
+    def versions(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        with contextlib.suppress(Exception):
+            out["nats-py"] = importlib.metadata.version("nats-py")
+        if self.binary:
+            with contextlib.suppress(Exception):
+                out["nats-server"] = subprocess.run(
+                    [self.binary, "--version"], capture_output=True, text=True, timeout=10
+                ).stdout.strip()
+        return out
+
+    def settings(self) -> dict[str, Any]:
+        return {"servers": 3, "replicas": 3, "storage": "file",
+                "sync_interval": "server default (2 min)"}
