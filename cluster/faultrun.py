@@ -88,6 +88,28 @@ def run_case(
     clients = start_clients(cluster, workload, recorder, deadline)
     nemesis = Nemesis(cluster)
     nemesis.start(schedule)
+    try:
+        return _finish_case(
+            cluster, workload, schedule, recorder, report, clients, nemesis, deadline,
+            artifacts_dir, check_time_limit,
+        )  # fmt: skip
+    finally:
+        # On any exit (a timeout of the test included) no fault may outlive the run.
+        nemesis.stop(timeout=60.0)
+
+
+def _finish_case(
+    cluster: LocalCluster,
+    workload: Workload,
+    schedule: Sequence[FaultEvent],
+    recorder: Recorder,
+    report: RunReport,
+    clients: Any,
+    nemesis: Nemesis,
+    deadline: float,
+    artifacts_dir: Path,
+    check_time_limit: float,
+) -> RunReport:
     for thread in clients.threads:
         thread.join(max(0.0, deadline - time.monotonic()) + workload.op_timeout + 5.0)
     if not nemesis.join(max(0.0, deadline - time.monotonic())):

@@ -145,6 +145,7 @@ class LocalCluster:
             for i in range(n)
         ]
         self.fault_injection = fault_injection
+        self._closed = False
         self._cuts: dict[int, set[int]] = {}
         if fault_injection:
             extra_args = [*extra_args, "--fault-injection"]
@@ -194,6 +195,7 @@ class LocalCluster:
         Raises PortInUse, before starting any node, if one of their ports is taken:
         otherwise whatever listens there (another cluster, say) could answer for them.
         """
+        self._check_not_closed()
         stopped = [i for i, node in enumerate(self.nodes) if not node.running]
         for i in stopped:
             self._check_ports_free(i)
@@ -205,6 +207,10 @@ class LocalCluster:
         if cut:
             self._apply_cuts(cut, 10.0)  # a partition outlives a restart
         return self
+
+    def _check_not_closed(self) -> None:
+        if self._closed:
+            raise RuntimeError("this LocalCluster is closed: no node may start again")
 
     def _check_ports_free(self, i: int) -> None:
         spec = self.nodes[i].spec
@@ -336,6 +342,7 @@ class LocalCluster:
         A node still running is terminated first (``timeout`` bounds that, as in
         :meth:`terminate`). Does not wait for readiness: call :meth:`wait_ready`.
         """
+        self._check_not_closed()
         node = self.nodes[i]
         if node.running:
             node.terminate(timeout)
@@ -372,8 +379,10 @@ class LocalCluster:
     def close(self) -> None:
         """SIGKILL whatever the harness started that still runs, and reap it. Idempotent.
 
-        Data folders and logs stay in ``base_dir``.
+        Data folders and logs stay in ``base_dir``. Afterwards nothing may start a node
+        again: a fault thread still running would otherwise leave an orphan behind.
         """
+        self._closed = True
         self.kill_all()
 
     def _reap_all(self, timeout: float) -> None:
