@@ -68,12 +68,12 @@ class Committer:
         self.commands_submitted = 0
         self.ops_submitted = 0
 
-    def submit_op(self, op: list[Any], size: int = 0) -> asyncio.Future[Result]:
+    def submit_op(self, op: list[Any]) -> asyncio.Future[Result]:
         """Queue one state-machine op; the future gets its result once committed and applied."""
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._pending.ops.append(op)
         self._pending.op_futures.append(future)
-        self._pending.size += size
+        self._pending.size += _op_size(op)
         self._pump()
         return future
 
@@ -115,14 +115,14 @@ class Committer:
             self._pending = _Batch()
             return pending
         # Too big for one command: split at the byte cap, keep the rest queued.
-        taken = _Batch(barriers=pending.barriers)
-        while pending.ops and (not taken.ops or taken.size < self._max_command_bytes):
-            op = pending.ops.pop(0)
-            taken.ops.append(op)
-            taken.op_futures.append(pending.op_futures.pop(0))
-            taken.size += _op_size(op)
-        pending.barriers = []
-        pending.size = sum(_op_size(op) for op in pending.ops)
+        count, size = 0, 0
+        while count < len(pending.ops) and (count == 0 or size < self._max_command_bytes):
+            size += _op_size(pending.ops[count])
+            count += 1
+        taken = _Batch(pending.ops[:count], pending.op_futures[:count], pending.barriers, size)
+        self._pending = _Batch(
+            pending.ops[count:], pending.op_futures[count:], [], pending.size - size
+        )
         return taken
 
     def _on_committed(self, batch: _Batch, future: asyncio.Future[list[Result]]) -> None:

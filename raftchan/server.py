@@ -28,7 +28,7 @@ from raftchan.errors import (
     error_from_wire,
 )
 from raftchan.replica import Replica
-from raftchan.state import Result
+from raftchan.state import Result, encode_command
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,9 @@ class NodeServer:
                     await self.committer.submit_op(op)
                 else:
                     # pysyncobj forwards a follower's command to the leader.
-                    command = _single_op_command(op, self.limits)
+                    command = encode_command(
+                        [op], self.limits.max_channels, self.limits.max_sessions
+                    )
                     await self.replica.submit(command, 5.0)
             except RaftchanError as exc:
                 logger.debug("registering client address failed (will retry): %s", exc)
@@ -316,7 +318,7 @@ class NodeServer:
                     "this cluster keeps no Dask futures: its nodes run without --dask-scheduler"
                 )
             op.append(request.keys)
-        result = await self._commit(op, sum(len(i) for i in request.items))
+        result = await self._commit(op)
         self._release(request.channel, result)
         fields: dict[str, Any] = {"indexes": result["indexes"], "duplicate": result["duplicate"]}
         if request.keys and self.keeper is not None:
@@ -336,8 +338,8 @@ class NodeServer:
                 raise NoLeader("no leader is known to this node")
             raise NotLeader(leader=leader)
 
-    async def _commit(self, op: list[Any], size: int = 0) -> Result:
-        result = await self.committer.submit_op(op, size)
+    async def _commit(self, op: list[Any]) -> Result:
+        result = await self.committer.submit_op(op)
         if not result.get("ok"):
             raise error_from_wire(result["code"], result["message"], result.get("details"))
         return result
@@ -410,12 +412,6 @@ def _without_ok(result: Result) -> dict[str, Any]:
 def _log_lost_failure(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.warning("could not mark future keys lost: %s", task.exception())
-
-
-def _single_op_command(op: list[Any], limits: Any) -> bytes:
-    from raftchan.state import encode_command
-
-    return encode_command([op], limits.max_channels, limits.max_sessions)
 
 
 async def serve(config: NodeConfig, stop: asyncio.Event | None = None) -> str | None:

@@ -291,7 +291,7 @@ def test_the_byte_cap_splits_a_batch_and_keeps_op_order() -> None:
         committer = Committer(raft.submit, LIMITS, max_inflight=1, max_command_bytes=10)
         committer.submit_op(op(0))
         sizes = [4, 4, 4, 4, 30, 1, 1]
-        queued = [committer.submit_op(append_op(n, size), size) for n, size in enumerate(sizes, 1)]
+        queued = [committer.submit_op(append_op(n, size)) for n, size in enumerate(sizes, 1)]
         barrier = committer.barrier()
         applied = 0
         while applied < len(raft.commands):
@@ -317,8 +317,8 @@ def test_one_op_over_the_cap_still_goes_out_alone() -> None:
     async def scenario(raft: FakeReplica) -> None:
         committer = Committer(raft.submit, LIMITS, max_inflight=1, max_command_bytes=10)
         committer.submit_op(op(0))
-        big = committer.submit_op(append_op(1, 50), 50)
-        small = committer.submit_op(append_op(2, 2), 2)
+        big = committer.submit_op(append_op(1, 50))
+        small = committer.submit_op(append_op(2, 2))
         await raft.apply(0)
         assert raft.ops(1) == [append_op(1, 50)]
         await raft.apply(1)
