@@ -319,6 +319,8 @@ class DurableJournal(pysyncobj.journal.Journal):
             self._check_open()
             self._persist_snapshot()
             start = slice(entryTo, None).indices(len(self._entries))[0]
+            if start > 0:
+                start = self._limit_to_snapshot_on_disk(start)
             if start == 0:
                 return
             logger.debug(
@@ -328,6 +330,43 @@ class DurableJournal(pysyncobj.journal.Journal):
                 self._entries[start][1] if start < len(self._entries) else "end",
             )
             self._rewrite(self._entries[start:], test_pause=self._test_pause_before_replace)
+
+    def _limit_to_snapshot_on_disk(self, start: int) -> int:
+        """How many of the first ``start`` entries the snapshot on disk lets us drop.
+
+        pysyncobj asks to compact up to the snapshot *it* wrote, but it learns that the
+        write succeeded one tick later; if a snapshot from the leader was installed in
+        between, the file on disk is that older one and trimming to the requested point
+        would drop entries no snapshot holds (measured: a follower that was sent the
+        leader's snapshot again and again while compacting its own log). So the journal
+        keeps everything from the on-disk snapshot's anchor on, and drops nothing if that
+        anchor cannot be found in it.
+        """
+        if self._snapshot_path is None:
+            return start
+        try:
+            anchor = read_snapshot_anchor(self._snapshot_path)
+        except (SnapshotCorrupt, OSError) as exc:
+            logger.error("journal %s: not compacting, snapshot unreadable: %s", self._path, exc)
+            return 0
+        first_idx = self._entries[0][1]
+        pos = anchor[1] - first_idx if anchor is not None else -1
+        if anchor is None or not 0 <= pos < len(self._entries) or self._entries[pos] != anchor:
+            logger.warning(
+                "journal %s: not compacting, the snapshot on disk (anchor %s) does not "
+                "cover the entries pysyncobj asked to drop",
+                self._path,
+                None if anchor is None else anchor[1],
+            )
+            return 0
+        if pos < start:
+            logger.warning(
+                "journal %s: compacting to the snapshot on disk (index %d), not to index %d",
+                self._path,
+                anchor[1],
+                self._entries[start][1] if start < len(self._entries) else first_idx + start,
+            )
+        return min(start, pos)
 
     def clear(self) -> None:
         """Drop every entry, atomically (see :meth:`deleteEntriesTo`).

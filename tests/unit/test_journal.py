@@ -370,6 +370,38 @@ def test_delete_entries_to_persists_the_snapshot_before_replacing(
     assert calls[first_replace + 1] == "fsync dir"
 
 
+def test_compaction_never_drops_entries_the_snapshot_on_disk_lacks(
+    jpath: str, spath: str, opened: Callable[..., DurableJournal]
+) -> None:
+    # pysyncobj's order of events on a follower: it writes its own snapshot at index 42,
+    # then installs the leader's older snapshot (anchor 37) over the file and reloads the
+    # log from it, and only on the next tick asks to compact up to 42.
+    write_snapshot(spath, entry(43), entry(42), ["a"], b"own")
+    write_snapshot(spath, entry(38), entry(37), ["a"], b"from the leader")
+    j = opened(jpath, snapshot_path=spath)
+    fill(j, entries(37, 50))
+    j.deleteEntriesTo(42 - 37)
+    assert list(j) == entries(37, 50)  # 38..41 are in no snapshot: all kept
+    fill(j, entries(51, 52))
+    write_snapshot(spath, entry(46), entry(45), ["a"], b"own again")
+    j.deleteEntriesTo(45 - 37)
+    assert j[0] == entry(45)
+    j._destroy()
+    assert list(opened(jpath, snapshot_path=spath)) == entries(45, 52)
+
+
+@pytest.mark.parametrize("anchor", [None, entry(60), entry(12, term=3)])
+def test_compaction_without_a_matching_snapshot_on_disk_drops_nothing(
+    jpath: str, spath: str, opened: Callable[..., DurableJournal], anchor: Entry | None
+) -> None:
+    if anchor is not None:
+        write_snapshot(spath, (b"x", anchor[1] + 1, anchor[2]), anchor, ["a"], b"")
+    j = opened(jpath, snapshot_path=spath)
+    fill(j, entries(1, 40))
+    j.deleteEntriesTo(20)
+    assert list(j) == entries(1, 40)
+
+
 # --------------------------------------------------------------------------- crash safety
 
 
