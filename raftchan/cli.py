@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -227,18 +228,35 @@ def _limit_options(func: F) -> F:
     default="INFO",
     show_default=True,
 )
+@click.option(
+    "--check-config",
+    is_flag=True,
+    help="Validate the settings, print each with where it came from, and exit without "
+    "starting (status 0 if the node would start, 2 if not).",
+)
 @click.option("--record-synced", is_flag=True, hidden=True)
 @click.option("--fault-injection", is_flag=True, hidden=True)
 @click.option("--unsafe-local-reads", is_flag=True, hidden=True)
 def node(**options: Any) -> None:
-    """Run one node in the foreground until SIGTERM or Ctrl-C."""
+    """Run one node in the foreground until SIGTERM or Ctrl-C.
+
+    Each setting comes from, in this order of precedence: its flag, its environment
+    variable (RAFTCHAN_ and the flag's name in capitals, underscores for dashes: for
+    example RAFTCHAN_CLIENT_ADDRESS), the --config file, the built-in default.
+    """
     try:
         config = _node_config(options)
         # run_node validates too; doing it here first gives a one-line error without
         # importing the server and its dependencies.
         config.validate()
+        if options["check_config"]:
+            check_node_paths(config)
     except ConfigError as exc:
         raise _ConfigProblem(str(exc)) from None
+    if options["check_config"]:
+        _print_settings(click.get_current_context(), options)
+        click.echo(f"configuration of node {config.name} is valid")
+        return
     logging.basicConfig(
         level=options["log_level"].upper(),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
@@ -250,6 +268,69 @@ def node(**options: Any) -> None:
         run_node(config)
     except ConfigError as exc:
         raise _ConfigProblem(str(exc)) from None
+
+
+#: Options that are never read from the environment: test aids, and the ones that only
+#: make sense typed for one run.
+_NO_ENVVAR = frozenset({"record_synced", "fault_injection", "unsafe_local_reads", "check_config"})
+
+
+def node_envvar(param_name: str) -> str:
+    """The environment variable that sets the ``raftchan node`` option ``param_name``."""
+    return "RAFTCHAN_" + param_name.upper()
+
+
+def _read_options_from_environment(command: click.Command) -> None:
+    # Click reads an option's envvar after the command line and before default_map (the
+    # --config file), which is exactly the documented precedence.
+    for param in command.params:
+        if isinstance(param, click.Option) and param.name and param.name not in _NO_ENVVAR:
+            param.envvar = node_envvar(param.name)
+            param.show_envvar = True
+
+
+_read_options_from_environment(node)
+
+
+def check_node_paths(config: NodeConfig) -> None:
+    """Raise ConfigError if the node could not use its data directory.
+
+    The directory must exist and be writable, or be creatable (its nearest existing
+    parent writable). Nothing is created: checking a config changes nothing on disk.
+    """
+    path = config.data_dir.absolute()
+    if path.exists():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"--data-dir {config.data_dir} is not writable")
+        return
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"--data-dir {config.data_dir} cannot be created: {parent} is not a writable directory"
+        )
+
+
+_SOURCE_NAMES = {
+    click.core.ParameterSource.COMMANDLINE: "flag",
+    click.core.ParameterSource.ENVIRONMENT: "environment",
+    click.core.ParameterSource.DEFAULT_MAP: "config file",
+    click.core.ParameterSource.DEFAULT: "default",
+}
+
+
+def _print_settings(ctx: click.Context, options: Mapping[str, Any]) -> None:
+    # A secret's file name is shown, never its contents.
+    for param in ctx.command.params:
+        name = param.name
+        if not isinstance(param, click.Option) or param.hidden or name not in options:
+            continue
+        if name == "check_config" or options[name] is None:
+            continue
+        source = ctx.get_parameter_source(name)
+        origin = _SOURCE_NAMES.get(source, str(source)) if source is not None else "?"
+        click.echo(f"{name.replace('_', '-'):<28} {options[name]!s:<40} ({origin})")
 
 
 def _node_config(options: Mapping[str, Any]) -> NodeConfig:

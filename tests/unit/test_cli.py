@@ -106,6 +106,16 @@ def test_every_raft_tuning_field_has_a_node_flag() -> None:
         assert flag in help_text
 
 
+#: A node config that passes validation (its data dir is relative to the file).
+VALID_NODE_TOML = f"""
+name = "n1"
+client-address = "127.0.0.1:17101"
+peer-address = "127.0.0.1:17201"
+peers = "{PEERS}"
+data-dir = "n1"
+"""
+
+
 def write_toml(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
@@ -161,16 +171,7 @@ def test_toml_config_reaches_validation(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(30)
 def test_flags_win_over_the_toml_config(tmp_path: Path) -> None:
-    config = write_toml(
-        tmp_path / "n1.toml",
-        f"""
-        name = "n1"
-        client-address = "127.0.0.1:17101"
-        peer-address = "127.0.0.1:17201"
-        peers = "{PEERS}"
-        data-dir = "n1"
-        """,
-    )
+    config = write_toml(tmp_path / "n1.toml", VALID_NODE_TOML)
 
     result = run("node", "--config", str(config), "--peer-address", NON_LOOPBACK)
 
@@ -194,6 +195,83 @@ def test_toml_config_that_does_not_parse_is_refused(tmp_path: Path) -> None:
 
     assert result.exit_code == 2
     assert "cannot read" in result.output
+
+
+def settings_lines(output: str) -> dict[str, tuple[str, str]]:
+    """``--check-config`` output as {setting: (value, source)}."""
+    lines = {}
+    for line in output.splitlines():
+        if line.endswith(")") and " (" in line:
+            head, _, source = line.rpartition(" (")
+            name, _, value = head.partition(" ")
+            lines[name] = (value.strip(), source.rstrip(")"))
+    return lines
+
+
+@pytest.mark.timeout(30)
+def test_check_config_reports_each_setting_and_where_it_came_from(tmp_path: Path) -> None:
+    config = write_toml(
+        tmp_path / "n1.toml", VALID_NODE_TOML + 'fsync = "never"\nmax-channels = 7\n'
+    )
+    env = {"RAFTCHAN_MAX_CHANNELS": "9", "RAFTCHAN_RAFT_MIN_TIMEOUT": "0.4"}
+
+    result = run("node", "--config", str(config), "--max-channels", "11", "--check-config", env=env)
+
+    assert result.exit_code == 0, result.output
+    assert "configuration of node n1 is valid" in result.output
+    settings = settings_lines(result.output)
+    assert settings["max-channels"] == ("11", "flag")  # flag beats environment and file
+    assert settings["raft-min-timeout"] == ("0.4", "environment")
+    assert settings["fsync"] == ("never", "config file")
+    assert settings["compaction-min-entries"] == ("5000", "default")
+    assert not (tmp_path / "n1").exists(), "checking a config must not create the data dir"
+
+
+@pytest.mark.timeout(30)
+def test_environment_beats_the_config_file_and_loses_to_flags(tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "n1.toml", "max-sessions = 5\n")
+    env = {"RAFTCHAN_MAX_SESSIONS": "6", "RAFTCHAN_NAME": "from-env"}
+    args = node_args(tmp_path)
+    args.remove("--name")
+    args.remove("n1")
+
+    result = run(*args, "--config", str(config), "--check-config", env=env)
+    settings = settings_lines(result.output)
+    assert settings["max-sessions"] == ("6", "environment")
+    assert settings["name"] == ("from-env", "environment")
+
+    result = run(*args, "--config", str(config), "--max-sessions", "8", "--check-config", env=env)
+    assert settings_lines(result.output)["max-sessions"] == ("8", "flag")
+
+
+@pytest.mark.timeout(30)
+def test_the_whole_node_config_can_come_from_the_environment(tmp_path: Path) -> None:
+    env = {
+        "RAFTCHAN_NAME": "n1",
+        "RAFTCHAN_CLIENT_ADDRESS": "127.0.0.1:17101",
+        "RAFTCHAN_PEER_ADDRESS": NON_LOOPBACK,
+        "RAFTCHAN_PEERS": PEERS,
+        "RAFTCHAN_DATA_DIR": str(tmp_path / "n1"),
+    }
+    # Read and validated in full: the non-loopback peer without a secret is refused.
+    result = run("node", "--check-config", env=env)
+    assert result.exit_code == 2
+    assert "non-loopback peer address" in result.output
+
+    result = run("node", "--check-config", env={**env, "RAFTCHAN_PEER_ADDRESS": "127.0.0.1:17201"})
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.timeout(30)
+def test_check_config_refuses_a_data_dir_it_could_not_use(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+
+    # Under a plain file: no directory can ever be made there (root or not).
+    result = run(*node_args(tmp_path, **{"--data-dir": str(blocker / "n1")}), "--check-config")
+
+    assert result.exit_code == 2
+    assert "cannot be created" in result.output
 
 
 def test_up_refuses_a_non_loopback_host(tmp_path: Path) -> None:
