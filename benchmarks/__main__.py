@@ -28,6 +28,16 @@ from . import report
 from .core import PROFILES, Appender, Config, Skipped, System, paced, say, throughput
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: Every system ``--systems`` knows, in the order a run measures them.
+SYSTEM_NAMES = (
+    "raftchan",
+    "dask-queue",
+    "pysyncobj",
+    "pysyncobj-batched",
+    "nats",
+    "redis",
+    "redis-r3",
+)
 
 
 def _systems() -> dict[str, Callable[[], System]]:
@@ -35,6 +45,7 @@ def _systems() -> dict[str, Callable[[], System]]:
     from .peer_nats import NatsJetStream
     from .peer_pysyncobj import BatchedPysyncobj, PlainPysyncobj
     from .peer_raftchan import Raftchan
+    from .peer_redis import RedisStreams, ReplicatedRedisStreams
 
     return {
         "raftchan": Raftchan,
@@ -42,6 +53,8 @@ def _systems() -> dict[str, Callable[[], System]]:
         "pysyncobj": PlainPysyncobj,
         "pysyncobj-batched": BatchedPysyncobj,
         "nats": NatsJetStream,
+        "redis": RedisStreams,
+        "redis-r3": ReplicatedRedisStreams,
     }
 
 
@@ -85,10 +98,14 @@ async def _phases(system: System, cfg: Config, result: dict[str, Any]) -> None:
         finally:
             await system.close_appenders()
         result["throughput"].append(figures)
-        say(f"    {figures['items_per_s']:,.0f} items/s, p50 {figures['p50_ms']} ms, "
-            f"p99 {figures['p99_ms']} ms ({figures['items']} items)")
-    say(f"  {system.name}: paced latency, {cfg.paced_items} appends "
-        f"every {cfg.paced_interval_s * 1000:.0f} ms ...")
+        say(
+            f"    {figures['items_per_s']:,.0f} items/s, p50 {figures['p50_ms']} ms, "
+            f"p99 {figures['p99_ms']} ms ({figures['items']} items)"
+        )
+    say(
+        f"  {system.name}: paced latency, {cfg.paced_items} appends "
+        f"every {cfg.paced_interval_s * 1000:.0f} ms ..."
+    )
     (append,) = await system.open_appenders(1, True)
     try:
         result["paced"] = await paced(counted(append), cfg)
@@ -171,8 +188,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     md_path.write_text(f"# Benchmark run {run['started']} ({cfg.profile})\n\n{table}")
     say(f"wrote {json_path} and {md_path.name}")
     print(table)
-    failed = any(s.get("error") or (not s.get("skipped") and not s.get("verified"))
-                 for s in run["systems"])
+    failed = any(
+        s.get("error") or (not s.get("skipped") and not s.get("verified")) for s in run["systems"]
+    )
     return 1 if failed else 0
 
 
@@ -183,11 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     size = run.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="about 2 minutes (the default)")
     size.add_argument("--full", action="store_true", help="longer phases, more samples")
-    run.add_argument("--systems", default="raftchan,dask-queue,pysyncobj,pysyncobj-batched,nats",
-                     help="comma-separated, from: %(default)s")
+    run.add_argument(
+        "--systems", default=",".join(SYSTEM_NAMES), help="comma-separated, from: %(default)s"
+    )
     run.add_argument("--out", help="folder for the JSON and Markdown (benchmarks/results)")
-    run.add_argument("--client-per-producer", action="store_true",
-                     help="one client (connection) per producer instead of one shared client")
+    run.add_argument(
+        "--client-per-producer",
+        action="store_true",
+        help="one client (connection) per producer instead of one shared client",
+    )
     run.add_argument("--keep", action="store_true", help="keep node data and logs")
     args = parser.parse_args(argv)
     return cmd_run(args)

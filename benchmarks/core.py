@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
+import importlib.metadata
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,6 +131,47 @@ class System:
         return {}
 
 
+class ServerSystem(System):
+    """A system whose servers are a binary from the distribution, driven through a client
+    from PyPI: skipped with the install line when either is missing."""
+
+    #: The server binary looked up on PATH, and the Debian package that brings it.
+    binary_name = ""
+    apt_package = ""
+    #: The client's distribution on PyPI and the module it is imported as.
+    client_package = ""
+    client_module = ""
+
+    def __init__(self) -> None:
+        self.procs: list[Process] = []
+        self.binary = shutil.which(self.binary_name) or ""
+
+    def require(self) -> None:
+        """Raise :class:`Skipped`, saying how to install it, if the server or the client is
+        missing."""
+        if not self.binary:
+            raise Skipped(
+                f"{self.binary_name} is not installed (apt-get install {self.apt_package})"
+            )
+        try:
+            importlib.import_module(self.client_module)
+        except ImportError as exc:
+            raise Skipped(
+                f"{self.client_package} is not installed (pip install -e '.[bench]')"
+            ) from exc
+
+    def stop(self) -> None:
+        stop_all(self.procs)
+
+    def versions(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[self.client_package] = importlib.metadata.version(self.client_package)
+        if self.binary:
+            out[self.binary_name] = binary_version(self.binary)
+        return out
+
+
 # ---------------------------------------------------------------------------------------
 # Statistics
 
@@ -208,8 +252,11 @@ async def paced(append: Appender, cfg: Config) -> dict[str, Any]:
         await asyncio.wait_for(append(payload), cfg.op_timeout_s)
         latencies.append(time.perf_counter() - begin)
         next_at = begin + cfg.paced_interval_s
-    return {"items": len(latencies), "interval_ms": cfg.paced_interval_s * 1000.0,
-            **latency_summary(latencies)}
+    return {
+        "items": len(latencies),
+        "interval_ms": cfg.paced_interval_s * 1000.0,
+        **latency_summary(latencies),
+    }
 
 
 async def _warm(append: Appender, payload: bytes) -> None:
@@ -269,6 +316,20 @@ class Process:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def binary_version(binary: str, *args: str) -> str:
+    """What ``binary --version`` (or ``args``) prints, first line; empty if it cannot run."""
+    if not binary:
+        return ""
+    try:
+        out = subprocess.run(
+            [binary, *(args or ("--version",))], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    lines = (out.stdout or out.stderr).strip().splitlines()
+    return lines[0].strip() if lines else ""
 
 
 def stop_all(processes: Sequence[Process]) -> None:

@@ -37,8 +37,16 @@ class DaskQueue(System):
     def start(self, workdir: Path) -> None:
         (port,) = free_ports(1, HOST)
         self.address = f"tcp://{HOST}:{port}"
-        argv = [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", HOST,
-                "--port", str(port), "--no-dashboard"]
+        argv = [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_scheduler",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--no-dashboard",
+        ]
         self.procs.append(Process("dask-scheduler", argv, workdir / "dask" / "scheduler.log"))
         asyncio.run(wait_tcp(HOST, port, 60.0, self.procs[0]))
         say(f"  dask-queue: scheduler ready at {self.address} (pid {self.procs[0].pid})")
@@ -98,10 +106,15 @@ class DaskQueue(System):
         stop_all(self.procs)
 
     def versions(self) -> dict[str, str]:
-        return {"distributed": importlib.metadata.version("distributed"),
-                "dask": importlib.metadata.version("dask")}
+        return {
+            "distributed": importlib.metadata.version("distributed"),
+            "dask": importlib.metadata.version("dask"),
+        }
 
     def settings(self) -> dict[str, Any]:
-        return {"scheduler": "separate process", "clients": 2,
-                "producers": "coroutines of one asynchronous client",
-                "reader": "second client, get(batch=True)"}
+        return {
+            "scheduler": "separate process",
+            "clients": 2,
+            "producers": "coroutines of one asynchronous client",
+            "reader": "second client, get(batch=True)",
+        }

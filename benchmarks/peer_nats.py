@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
-import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from cluster.ports import free_ports
 
-from .core import Appender, Process, Skipped, System, say, stop_all, wait_tcp
+from .core import Appender, Process, ServerSystem, Skipped, say, wait_tcp
 
 HOST = "127.0.0.1"
 STREAM = "BENCH"
@@ -21,7 +18,7 @@ SUBJECT = "bench.items"
 READY_TIMEOUT_S = 60.0
 
 
-class NatsJetStream(System):
+class NatsJetStream(ServerSystem):
     name = "nats-js-r3"
     guarantees = (
         "3 servers, file-backed stream with 3 replicas; publish returns once the stream "
@@ -30,19 +27,16 @@ class NatsJetStream(System):
         "2 of 3 servers until then."
     )
 
+    binary_name = apt_package = "nats-server"
+    client_package, client_module = "nats-py", "nats"
+
     def __init__(self) -> None:
-        self.procs: list[Process] = []
+        super().__init__()
         self.ports: list[int] = []
         self.conns: list[Any] = []
-        self.binary = shutil.which("nats-server") or ""
 
     def start(self, workdir: Path) -> None:
-        if not self.binary:
-            raise Skipped("nats-server is not installed (apt-get install nats-server)")
-        try:
-            import nats  # noqa: F401
-        except ImportError as exc:
-            raise Skipped("nats-py is not installed (pip install -e '.[bench]')") from exc
+        self.require()
         ports = free_ports(6, HOST)
         self.ports, routes = ports[:3], ports[3:]
         base = workdir / "nats"
@@ -57,8 +51,9 @@ class NatsJetStream(System):
                 f'cluster {{ name: "bench"\n listen: {HOST}:{routes[i]}\n'
                 f" routes: [{others}] }}\n"
             )
-            self.procs.append(Process(f"nats n{i + 1}", [self.binary, "-c", str(conf)],
-                                      base / f"n{i + 1}.log"))
+            self.procs.append(
+                Process(f"nats n{i + 1}", [self.binary, "-c", str(conf)], base / f"n{i + 1}.log")
+            )
         say(f"  nats: 3 servers started (pids {[p.pid for p in self.procs]})")
         asyncio.run(self._create_stream())
 
@@ -74,9 +69,14 @@ class NatsJetStream(System):
             deadline = time.monotonic() + READY_TIMEOUT_S
             while True:
                 try:
-                    await js.add_stream(StreamConfig(
-                        name=STREAM, subjects=[SUBJECT], num_replicas=3,
-                        storage=StorageType.FILE))
+                    await js.add_stream(
+                        StreamConfig(
+                            name=STREAM,
+                            subjects=[SUBJECT],
+                            num_replicas=3,
+                            storage=StorageType.FILE,
+                        )
+                    )
                     break
                 except Exception as exc:  # the meta leader may not be elected yet
                     if time.monotonic() >= deadline:
@@ -123,20 +123,10 @@ class NatsJetStream(System):
         finally:
             await nc.close()
 
-    def stop(self) -> None:
-        stop_all(self.procs)
-
-    def versions(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        with contextlib.suppress(Exception):
-            out["nats-py"] = importlib.metadata.version("nats-py")
-        if self.binary:
-            with contextlib.suppress(Exception):
-                out["nats-server"] = subprocess.run(
-                    [self.binary, "--version"], capture_output=True, text=True, timeout=10
-                ).stdout.strip()
-        return out
-
     def settings(self) -> dict[str, Any]:
-        return {"servers": 3, "replicas": 3, "storage": "file",
-                "sync_interval": "server default (2 min)"}
+        return {
+            "servers": 3,
+            "replicas": 3,
+            "storage": "file",
+            "sync_interval": "server default (2 min)",
+        }

@@ -78,8 +78,17 @@ class PlainPysyncobj(System):
         for i in range(3):
             others = [a for j, a in enumerate(raft) if j != i]
             folder = workdir / self.name
-            argv = [sys.executable, "-m", "benchmarks.pysyncobj_node", raft[i], *others,
-                    "--client-port", str(self.client_ports[i]), "--dir", str(folder / f"n{i + 1}")]
+            argv = [
+                sys.executable,
+                "-m",
+                "benchmarks.pysyncobj_node",
+                raft[i],
+                *others,
+                "--client-port",
+                str(self.client_ports[i]),
+                "--dir",
+                str(folder / f"n{i + 1}"),
+            ]
             if self.batch:
                 argv.append("--batch")
             self.procs.append(Process(f"{self.name} n{i + 1}", argv, folder / f"n{i + 1}.log"))
@@ -145,9 +154,15 @@ class PlainPysyncobj(System):
         return {"pysyncobj": importlib.metadata.version("pysyncobj")}
 
     def settings(self) -> dict[str, Any]:
-        return {"nodes": 3, "journal": True, "dump": True, "appendEntriesUseBatch": self.batch,
-                "raft_timeouts_s": [0.4, 1.4], "submitted_on": "leader",
-                "client": "pipelined TCP to a thin server in each node (asyncio, own thread)"}
+        return {
+            "nodes": 3,
+            "journal": True,
+            "dump": True,
+            "appendEntriesUseBatch": self.batch,
+            "raft_timeouts_s": [0.4, 1.4],
+            "submitted_on": "leader",
+            "client": "pipelined TCP to a thin server in each node (asyncio, own thread)",
+        }
 
 
 class BatchedPysyncobj(PlainPysyncobj):

@@ -113,8 +113,11 @@ def main() -> None:
     parser.add_argument("peers", nargs="+")
     parser.add_argument("--client-port", type=int, required=True)
     parser.add_argument("--dir", required=True)
-    parser.add_argument("--batch", action="store_true",
-                        help="pysyncobj's default: send appends every 0.1 s, not at once")
+    parser.add_argument(
+        "--batch",
+        action="store_true",
+        help="pysyncobj's default: send appends every 0.1 s, not at once",
+    )
     args = parser.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     host = args.self_addr.rsplit(":", 1)[0]

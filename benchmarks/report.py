@@ -45,8 +45,10 @@ def markdown(run: dict[str, Any]) -> str:
         base = next((s for s in ran if s["name"] == BASELINE and not s.get("error")), None)
         if base is not None and len(ran) > 1:
             lines.append("")
-            lines.append(f"Ratios {BASELINE} / peer, same run (throughput: above 1 means "
-                         f"{BASELINE} is faster; latency: below 1 means {BASELINE} is faster).")
+            lines.append(
+                f"Ratios {BASELINE} / peer, same run (throughput: above 1 means "
+                f"{BASELINE} is faster; latency: below 1 means {BASELINE} is faster)."
+            )
             lines.append("")
             lines.append("| peer | " + " | ".join(names) + " |")
             lines.append("|---|" + "---:|" * len(names))

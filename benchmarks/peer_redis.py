@@ -1,0 +1,177 @@
+"""Redis Streams: one ``redis-server``, or a primary with two replicas and ``WAIT 2``.
+
+Every server runs with ``appendonly yes`` and ``appendfsync always``: Redis writes and
+fsyncs its append-only file before it answers a write, which is the durable setting
+comparable to raftchan's fsynced journal. An append is one ``XADD`` to one stream key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+from cluster.ports import free_ports
+
+from .core import Appender, Process, ServerSystem, Skipped, say, wait_tcp
+
+HOST = "127.0.0.1"
+STREAM = "bench"
+READY_TIMEOUT_S = 30.0
+#: Milliseconds ``WAIT`` may block before it returns with fewer replicas than asked.
+WAIT_TIMEOUT_MS = 10_000
+#: Seconds one command may wait for its reply (the harness's own limit per append).
+OP_TIMEOUT_S = 30.0
+#: One of each server's settings; the replicated set adds ``replicaof``.
+DURABLE = ("--appendonly", "yes", "--appendfsync", "always", "--save", "")
+
+
+class RedisStreams(ServerSystem):
+    """A single server: the speed reference (nothing replicated)."""
+
+    name = "redis"
+    guarantees = (
+        "1 server, appendonly yes + appendfsync always: XADD returns once the entry is "
+        "in the append-only file, fsynced. Nothing is replicated: a lost disk or machine "
+        "loses the stream, and it is unavailable while the server is down."
+    )
+    #: Replicas that must acknowledge each XADD (``WAIT n``) before it counts.
+    replicas = 0
+
+    binary_name, apt_package = "redis-server", "redis-server"
+    client_package = client_module = "redis"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ports: list[int] = []
+        self.clients: list[Any] = []
+
+    def start(self, workdir: Path) -> None:
+        self.require()
+        self.ports = free_ports(1 + self.replicas, HOST)
+        base = workdir / self.name
+        for i, port in enumerate(self.ports):
+            role = "primary" if i == 0 else f"replica{i}"
+            folder = base / role
+            folder.mkdir(parents=True, exist_ok=True)
+            argv = [
+                self.binary,
+                "--bind",
+                HOST,
+                "--port",
+                str(port),
+                "--dir",
+                str(folder),
+                "--daemonize",
+                "no",
+                *DURABLE,
+            ]
+            if i > 0:
+                argv += ["--replicaof", HOST, str(self.ports[0])]
+            self.procs.append(Process(f"{self.name} {role}", argv, base / f"{role}.log"))
+        say(
+            f"  {self.name}: {len(self.procs)} server(s) started "
+            f"(pids {[p.pid for p in self.procs]})"
+        )
+        asyncio.run(self._wait_ready())
+
+    async def _wait_ready(self) -> None:
+        for port, proc in zip(self.ports, self.procs, strict=True):
+            await wait_tcp(HOST, port, READY_TIMEOUT_S, proc)
+        client = self._client()
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while True:
+                info = await client.info("replication")
+                if int(info.get("connected_slaves", 0)) >= self.replicas:
+                    break
+                if time.monotonic() >= deadline:
+                    raise Skipped(
+                        f"only {info.get('connected_slaves')} of {self.replicas} "
+                        f"replicas connected after {READY_TIMEOUT_S:.0f} s"
+                    )
+                await asyncio.sleep(0.1)
+        finally:
+            await client.aclose()
+        say(f"  {self.name}: ready on port {self.ports[0]}")
+
+    def _client(self) -> Any:
+        import redis.asyncio
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        # redis-py retries a command after a timeout or a broken connection (10 times, 5 s
+        # socket timeout, by default): a retried XADD whose first try was applied appends
+        # the item twice. The harness counts every acknowledged append exactly once, so an
+        # append either succeeds once or fails the phase.
+        return redis.asyncio.Redis(
+            host=HOST, port=self.ports[0], retry=Retry(NoBackoff(), 0), socket_timeout=OP_TIMEOUT_S
+        )
+
+    async def open_appenders(self, n: int, shared: bool) -> list[Appender]:
+        appenders: list[Appender] = []
+        client: Any = None
+        for _ in range(n):
+            if client is None or not shared:
+                # One Redis object is one connection pool: concurrent producers of a shared
+                # client each take a pooled connection, as one program's coroutines would.
+                client = self._client()
+                self.clients.append(client)
+            appenders.append(self._appender(client))
+        return appenders
+
+    def _appender(self, client: Any) -> Appender:
+        async def append(item: bytes) -> None:
+            await client.xadd(STREAM, {"v": item})
+
+        return append
+
+    async def close_appenders(self) -> None:
+        clients, self.clients = self.clients, []
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    async def count(self) -> int | None:
+        client = self._client()
+        try:
+            return int(await client.xlen(STREAM))
+        finally:
+            await client.aclose()
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "servers": 1 + self.replicas,
+            "appendonly": "yes",
+            "appendfsync": "always",
+            "wait_replicas": self.replicas,
+            "client": "redis.asyncio; one connection pool per client",
+        }
+
+
+class ReplicatedRedisStreams(RedisStreams):
+    """A primary and two replicas; each XADD is followed by ``WAIT 2`` on its connection."""
+
+    name = "redis-r3"
+    guarantees = (
+        "1 primary + 2 replicas (asynchronous replication), all appendonly yes + appendfsync "
+        "always. XADD and then WAIT 2 in one pipeline: acknowledged once the primary fsynced "
+        "the entry and both replicas acknowledged receiving it (Redis 7.0 has no WAITAOF, "
+        "so a replica's fsync is not part of the promise). No automatic failover without "
+        "Sentinel, and a failover may still lose acknowledged writes."
+    )
+    replicas = 2
+
+    def _appender(self, client: Any) -> Appender:
+        async def append(item: bytes) -> None:
+            # WAIT counts the writes of its own connection, so both go in one pipeline.
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.xadd(STREAM, {"v": item})
+                pipe.wait(self.replicas, WAIT_TIMEOUT_MS)
+                _, acked = await pipe.execute()
+            if int(acked) < self.replicas:
+                raise RuntimeError(f"WAIT {self.replicas}: only {acked} replicas acknowledged")
+
+        return append
