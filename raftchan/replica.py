@@ -38,6 +38,7 @@ from raftchan import snapshot as snapshot_module
 from raftchan.config import NodeConfig
 from raftchan.errors import CommitUnknown, NoLeader, NotLeader, RaftchanError
 from raftchan.limits import Limits
+from raftchan.peer_connection import install_message_bound
 from raftchan.state import ChannelState, Result
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,16 @@ def append_batch_bytes(limits: Limits) -> int:
     request fits in one client frame.
     """
     return max(8 * 1024 * 1024, 4 * limits.max_frame_bytes)
+
+
+def peer_message_bytes(limits: Limits) -> int:
+    """The largest Raft message a node accepts from an authenticated peer.
+
+    An append-entries message holds a batch up to :func:`append_batch_bytes` plus the
+    entry that crossed it (at most one client frame); compressed, then encrypted and
+    base64-encoded (4/3), it stays well under twice that.
+    """
+    return 2 * (append_batch_bytes(limits) + limits.max_frame_bytes)
 
 
 class _SyncBeforeSendTransport(TCPTransport):
@@ -133,6 +144,7 @@ class Replica:
             record_synced=config.record_synced,
         )
         journal_module.install_journal_factory()
+        install_message_bound(peer_message_bytes(config.limits))
         journal_module.register_journal(journal_path, self.journal)
 
         tuning = config.raft

@@ -1,0 +1,94 @@
+"""A bound on what a Raft peer connection buffers, before and after it is authenticated.
+
+pysyncobj frames each peer message as a 4-byte length and the message (zlib-compressed
+pickle, encrypted and signed when the cluster has a secret) and reads a connection into
+one growing buffer until a whole frame is there. It puts no limit on the declared length,
+so anyone who reaches the Raft port can make a node buffer without end, authenticated or
+not. This module replaces the connection class pysyncobj uses with one that
+
+- refuses (closes) a connection whose next frame declares a negative length or more than
+  the bound: :data:`UNAUTHENTICATED_MESSAGE_BYTES` until a first message on it has been
+  decoded (with a secret: decrypted and verified), the full bound after that;
+- stops reading a connection for the current poll round once its buffer holds more than
+  a bound's worth, so that what was read is parsed (and a forged message refused) before
+  more is read.
+
+The first message on every peer connection is a handshake of a few dozen bytes (a random
+key, or the sender's address), so the small bound never cuts legitimate traffic.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from typing import Any, ClassVar
+
+import pysyncobj.tcp_connection
+import pysyncobj.tcp_server
+import pysyncobj.transport
+
+__all__ = ["UNAUTHENTICATED_MESSAGE_BYTES", "BoundedTcpConnection", "install_message_bound"]
+
+logger = logging.getLogger(__name__)
+
+#: Largest frame accepted on a connection before any message on it was decoded.
+UNAUTHENTICATED_MESSAGE_BYTES = 64 * 1024
+
+_FRAME_HEADER = struct.Struct("i")  # pysyncobj's: native int, signed
+
+
+class BoundedTcpConnection(pysyncobj.tcp_connection.TcpConnection):
+    """pysyncobj's TcpConnection with a bound on the frames it buffers (see module doc)."""
+
+    #: Largest frame accepted once the connection is authenticated; set by
+    #: :func:`install_message_bound`.
+    max_message_bytes: ClassVar[int] = 64 * 1024 * 1024
+
+    _raftchan_authenticated = False
+
+    def _bound(self) -> int:
+        if self._raftchan_authenticated:
+            return self.max_message_bytes
+        return UNAUTHENTICATED_MESSAGE_BYTES
+
+    # pysyncobj's private reading methods, overridden under their mangled names: the base
+    # class calls them as self.__processRead() and self.__processParseMessage().
+
+    def _TcpConnection__processRead(self) -> bool:  # noqa: N802 - pysyncobj's name
+        if not super()._TcpConnection__processRead():
+            return False
+        buffer = self._TcpConnection__readBuffer
+        bound = self._bound()
+        if len(buffer) >= _FRAME_HEADER.size:
+            (declared,) = _FRAME_HEADER.unpack_from(buffer)
+            if declared < 0 or declared > bound:
+                logger.warning(
+                    "closing a Raft peer connection that announced a %d-byte message "
+                    "(bound %d bytes%s)",
+                    declared,
+                    bound,
+                    "" if self._raftchan_authenticated else ", not yet authenticated",
+                )
+                self.disconnect()
+                return False
+        # Enough for now: let the caller parse (and refuse a forged frame) before reading on.
+        return len(buffer) <= _FRAME_HEADER.size + bound
+
+    def _TcpConnection__processParseMessage(self) -> Any:  # noqa: N802 - pysyncobj's name
+        message = super()._TcpConnection__processParseMessage()
+        if message is not None:
+            self._raftchan_authenticated = True
+        return message
+
+
+def install_message_bound(max_message_bytes: int) -> None:
+    """Make pysyncobj open every peer connection as a :class:`BoundedTcpConnection`.
+
+    ``max_message_bytes`` bounds one frame once a connection is authenticated; it must
+    exceed the largest message the cluster sends (an append-entries batch or a snapshot
+    chunk, compressed and encrypted). Affects the whole process; calling it again only
+    changes the bound.
+    """
+    BoundedTcpConnection.max_message_bytes = max_message_bytes
+    pysyncobj.tcp_server.TcpConnection = BoundedTcpConnection
+    pysyncobj.transport.TcpConnection = BoundedTcpConnection
