@@ -37,11 +37,13 @@ SYSTEM_NAMES = (
     "nats",
     "redis",
     "redis-r3",
+    "etcd",
 )
 
 
 def _systems() -> dict[str, Callable[[], System]]:
     from .peer_dask import DaskQueue
+    from .peer_etcd import Etcd
     from .peer_nats import NatsJetStream
     from .peer_pysyncobj import BatchedPysyncobj, PlainPysyncobj
     from .peer_raftchan import Raftchan
@@ -55,6 +57,7 @@ def _systems() -> dict[str, Callable[[], System]]:
         "nats": NatsJetStream,
         "redis": RedisStreams,
         "redis-r3": ReplicatedRedisStreams,
+        "etcd": Etcd,
     }
 
 

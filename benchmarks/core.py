@@ -145,6 +145,8 @@ class ServerSystem(System):
     def __init__(self) -> None:
         self.procs: list[Process] = []
         self.binary = shutil.which(self.binary_name) or ""
+        #: Client objects opened for the current phase, closed by :meth:`close_appenders`.
+        self.clients: list[Any] = []
 
     def require(self) -> None:
         """Raise :class:`Skipped`, saying how to install it, if the server or the client is
@@ -159,6 +161,15 @@ class ServerSystem(System):
             raise Skipped(
                 f"{self.client_package} is not installed (pip install -e '.[bench]')"
             ) from exc
+
+    async def close_appenders(self) -> None:
+        clients, self.clients = self.clients, []
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await self.close_client(client)
+
+    async def close_client(self, client: Any) -> None:
+        await client.close()
 
     def stop(self) -> None:
         stop_all(self.procs)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ class NatsJetStream(ServerSystem):
     def __init__(self) -> None:
         super().__init__()
         self.ports: list[int] = []
-        self.conns: list[Any] = []
 
     def start(self, workdir: Path) -> None:
         self.require()
@@ -98,7 +96,7 @@ class NatsJetStream(ServerSystem):
         for _ in range(n):
             if js is None or not shared:
                 nc = await nats.connect(self._urls())
-                self.conns.append(nc)
+                self.clients.append(nc)
                 js = nc.jetstream()
 
             async def append(item: bytes, js: Any = js) -> None:
@@ -106,12 +104,6 @@ class NatsJetStream(ServerSystem):
 
             appenders.append(append)
         return appenders
-
-    async def close_appenders(self) -> None:
-        conns, self.conns = self.conns, []
-        for nc in conns:
-            with contextlib.suppress(Exception):
-                await nc.close()
 
     async def count(self) -> int | None:
         import nats

@@ -8,7 +8,6 @@ comparable to raftchan's fsynced journal. An append is one ``XADD`` to one strea
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,6 @@ class RedisStreams(ServerSystem):
     def __init__(self) -> None:
         super().__init__()
         self.ports: list[int] = []
-        self.clients: list[Any] = []
 
     def start(self, workdir: Path) -> None:
         self.require()
@@ -128,11 +126,8 @@ class RedisStreams(ServerSystem):
 
         return append
 
-    async def close_appenders(self) -> None:
-        clients, self.clients = self.clients, []
-        for client in clients:
-            with contextlib.suppress(Exception):
-                await client.aclose()
+    async def close_client(self, client: Any) -> None:
+        await client.aclose()
 
     async def count(self) -> int | None:
         client = self._client()

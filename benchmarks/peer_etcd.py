@@ -1,0 +1,146 @@
+"""etcd: a 3-member cluster of ``etcd`` processes (Debian's ``etcd-server``), through aetcd.
+
+An append is one ``Put`` of the item to a new key under a prefix (the keys carry a counter,
+the order is etcd's revision); reading the channel back is a range read of that prefix.
+The client is aetcd, an asyncio gRPC client for the etcd v3 API, released in 2026 and
+working with Python 3.11 and the etcd 3.4 Debian ships (checked by this harness). Of the
+other clients on PyPI, etcd3 and etcd3-py have had no release since 2020 and 2019, and
+etcd3gw (HTTP gateway) is synchronous, which the asyncio producers here cannot share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from pathlib import Path
+from typing import Any
+
+from cluster.ports import free_ports
+
+from .core import Appender, Process, ServerSystem, Skipped, say, wait_tcp
+
+HOST = "127.0.0.1"
+PREFIX = b"/bench/items/"
+READY_TIMEOUT_S = 60.0
+#: Seconds one request may take (the harness's own limit per append).
+OP_TIMEOUT_S = 30
+
+
+class Etcd(ServerSystem):
+    name = "etcd"
+    guarantees = (
+        "3 members (Raft); a Put returns once a majority has the entry in its write-ahead "
+        "log, fsynced (etcd always fsyncs its WAL before acknowledging), and the leader "
+        "applied it."
+    )
+    binary_name, apt_package = "etcd", "etcd-server"
+    client_package = client_module = "aetcd"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.client_ports: list[int] = []
+        self.leader_port: int | None = None
+        self.keys = itertools.count()
+
+    def start(self, workdir: Path) -> None:
+        self.require()
+        ports = free_ports(6, HOST)
+        self.client_ports, peer_ports = ports[:3], ports[3:]
+        members = ",".join(f"e{i + 1}=http://{HOST}:{p}" for i, p in enumerate(peer_ports))
+        base = workdir / "etcd"
+        for i in range(3):
+            client_url = f"http://{HOST}:{self.client_ports[i]}"
+            peer_url = f"http://{HOST}:{peer_ports[i]}"
+            argv = [
+                self.binary,
+                "--name",
+                f"e{i + 1}",
+                "--data-dir",
+                str(base / f"e{i + 1}"),
+                "--listen-client-urls",
+                client_url,
+                "--advertise-client-urls",
+                client_url,
+                "--listen-peer-urls",
+                peer_url,
+                "--initial-advertise-peer-urls",
+                peer_url,
+                "--initial-cluster",
+                members,
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                "bench",
+            ]
+            self.procs.append(Process(f"etcd e{i + 1}", argv, base / f"e{i + 1}.log"))
+        say(f"  etcd: 3 members started (pids {[p.pid for p in self.procs]})")
+        asyncio.run(self._find_leader())
+
+    def _client(self, port: int) -> Any:
+        import aetcd
+
+        return aetcd.Client(host=HOST, port=port, timeout=OP_TIMEOUT_S)
+
+    async def _find_leader(self) -> None:
+        for port, proc in zip(self.client_ports, self.procs, strict=True):
+            await wait_tcp(HOST, port, 30.0, proc)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            for port in self.client_ports:
+                client = self._client(port)
+                try:
+                    status = await client.status()
+                    if status.leader is not None and status.leader.client_urls:
+                        # Appends go to the leader, as they do on pysyncobj; a follower
+                        # would forward each one.
+                        self.leader_port = int(status.leader.client_urls[0].rsplit(":", 1)[1])
+                        say(f"  etcd: leader serves on port {self.leader_port}")
+                        return
+                except Exception as exc:  # not elected yet, or not listening yet
+                    last_error = exc
+                finally:
+                    await client.close()
+            await asyncio.sleep(0.2)
+        raise Skipped(f"no etcd leader within {READY_TIMEOUT_S:.0f} s: {last_error}")
+
+    async def open_appenders(self, n: int, shared: bool) -> list[Appender]:
+        assert self.leader_port is not None
+        appenders: list[Appender] = []
+        client: Any = None
+        for _ in range(n):
+            if client is None or not shared:
+                # One client is one gRPC channel (HTTP/2): a shared client's producers
+                # multiplex their requests over it.
+                client = self._client(self.leader_port)
+                self.clients.append(client)
+
+            async def append(item: bytes, client: Any = client) -> None:
+                await client.put(PREFIX + b"%016d" % next(self.keys), item)
+
+            appenders.append(append)
+        return appenders
+
+    async def count(self) -> int | None:
+        from aetcd import rpc, utils
+
+        assert self.leader_port is not None
+        client = self._client(self.leader_port)
+        try:
+            await client.connect()
+            request = rpc.RangeRequest(
+                key=PREFIX, range_end=utils.prefix_range_end(PREFIX), count_only=True
+            )
+            response = await client.kvstub.Range(request, timeout=OP_TIMEOUT_S)
+            return int(response.count)
+        finally:
+            await client.close()
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "members": 3,
+            "append": "Put to a new key under a prefix",
+            "client": "aetcd (gRPC), connected to the leader",
+            "settings": "etcd defaults (WAL fsynced on every commit)",
+        }
