@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import signal
 import sys
@@ -27,6 +26,7 @@ import click
 from raftchan.config import ConfigError, NodeConfig, RaftTuning, is_loopback, parse_addresses
 from raftchan.errors import RaftchanError
 from raftchan.limits import DEFAULT_LIMITS
+from raftchan.logs import LOG_FORMATS, configure_logging
 
 if TYPE_CHECKING:
     from cluster.harness import LocalCluster
@@ -229,6 +229,19 @@ def _limit_options(func: F) -> F:
     show_default=True,
 )
 @click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default="text",
+    show_default=True,
+    help="'json': one JSON object per line (time, level, logger, message, node, exception).",
+)
+@click.option(
+    "--http-address",
+    metavar="HOST:PORT",
+    help="Serve GET /health and /metrics (Prometheus) here; port 0 picks a free one. "
+    "[default: no HTTP endpoint]",
+)
+@click.option(
     "--check-config",
     is_flag=True,
     help="Validate the settings, print each with where it came from, and exit without "
@@ -257,11 +270,7 @@ def node(**options: Any) -> None:
         _print_settings(click.get_current_context(), options)
         click.echo(f"configuration of node {config.name} is valid")
         return
-    logging.basicConfig(
-        level=options["log_level"].upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(options["log_level"], options["log_format"], config.name)
     from raftchan.server import run_node
 
     try:
@@ -356,6 +365,7 @@ def _node_config(options: Mapping[str, Any]) -> NodeConfig:
         record_synced=options["record_synced"],
         fault_injection=options["fault_injection"],
         unsafe_local_reads=options["unsafe_local_reads"],
+        http_address=options["http_address"],
     )
 
 
@@ -661,12 +671,13 @@ def _connected(address: str | None) -> Iterator[Client]:
 
 _STATUS_COLUMNS = (
     ("NAME", "name"),
-    ("CLIENT ADDRESS", "client_address"),
     ("ROLE", "role"),
     ("TERM", "term"),
     ("COMMIT", "commit_index"),
     ("APPLIED", "applied_index"),
-    ("LEADER", "leader"),
+    ("LAG", "lag"),
+    ("READY", "ready"),
+    ("CLIENT ADDRESS", "client_address"),
 )
 
 
@@ -674,7 +685,10 @@ _STATUS_COLUMNS = (
 @_address_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(address: str | None, as_json: bool) -> None:
-    """Show each node's role, term, commit and applied index, and the leader.
+    """Show each node's role, term, commit and applied index, lag and readiness, and the leader.
+
+    LAG is how many entries the leader has committed that the node has not applied yet
+    ("-" when no reachable node leads).
 
     Exits with status 1 when no node is reachable.
     """
@@ -705,12 +719,35 @@ def leader_of(nodes: Sequence[Mapping[str, Any]]) -> str | None:
     return named.most_common(1)[0][0] if named else None
 
 
-def format_table(nodes: Sequence[Mapping[str, Any]]) -> str:
-    """The status rows as an aligned text table."""
-    rows = [[title for title, _ in _STATUS_COLUMNS]]
-    rows += [
-        ["-" if n.get(key) is None else str(n[key]) for _, key in _STATUS_COLUMNS] for n in nodes
+def lags(nodes: Sequence[Mapping[str, Any]]) -> list[int | None]:
+    """Per node, the leader's commit index minus the node's applied index (at least 0).
+
+    The leader is the node claiming leadership in the highest term. ``None`` for a node
+    that reported no applied index (unreachable), and for every node when none leads.
+    The nodes answer at slightly different moments, so a small lag on a healthy follower
+    is normal; a lag that keeps growing is not.
+    """
+    claims = [n for n in nodes if n.get("role") == "leader"]
+    leader = max(claims, key=lambda n: n.get("term") or 0) if claims else None
+    commit = None if leader is None else leader.get("commit_index")
+    return [
+        max(0, commit - n["applied_index"])
+        if isinstance(commit, int) and isinstance(n.get("applied_index"), int)
+        else None
+        for n in nodes
     ]
+
+
+def format_table(nodes: Sequence[Mapping[str, Any]]) -> str:
+    """The status rows as an aligned text table, one row per node (see :func:`lags`)."""
+    rows = [[title for title, _ in _STATUS_COLUMNS]]
+    for n, lag in zip(nodes, lags(nodes), strict=True):
+        values = {**n, "lag": lag}
+        if isinstance(n.get("ready"), bool):
+            values["ready"] = "yes" if n["ready"] else "no"
+        rows.append(
+            ["-" if values.get(key) is None else str(values[key]) for _, key in _STATUS_COLUMNS]
+        )
     widths = [max(len(row[column]) for row in rows) for column in range(len(_STATUS_COLUMNS))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()

@@ -17,10 +17,14 @@ class ConfigError(ValueError):
     """A node or client was configured in a way that cannot work; the message says why."""
 
 
-def split_address(address: str) -> tuple[str, int]:
-    """``"host:port"`` (or ``"[v6]:port"``) to ``(host, port)``; ConfigError if malformed."""
+def split_address(address: str, *, allow_zero: bool = False) -> tuple[str, int]:
+    """``"host:port"`` (or ``"[v6]:port"``) to ``(host, port)``; ConfigError if malformed.
+
+    ``allow_zero`` accepts port 0 (a listener that lets the system pick a free port).
+    """
     host, sep, port = address.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    lowest = 0 if allow_zero else 1
+    if not sep or not host or not port.isdigit() or not lowest <= int(port) < 65536:
         raise ConfigError(f"address {address!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
 
@@ -109,6 +113,9 @@ class NodeConfig:
         unsafe_local_reads: a deliberately broken build for testing the fault suite:
             ``data``/``len``/``read`` skip the read barrier, so a deposed leader serves
             stale reads. Never use it for anything else.
+        http_address: ``HOST:PORT`` of the operators' HTTP endpoint (``/health``,
+            ``/metrics``); ``None`` serves none. Port 0 picks a free port, which
+            ``raftchan status --json`` reports as ``http_address``.
     """
 
     name: str
@@ -124,11 +131,14 @@ class NodeConfig:
     record_synced: bool = False
     fault_injection: bool = False
     unsafe_local_reads: bool = False
+    http_address: str | None = None
 
     def validate(self) -> None:
         """Raise ConfigError for a configuration that is unsafe or cannot work."""
         for address in (self.client_address, self.peer_address, *self.peers):
             split_address(address)
+        if self.http_address is not None:
+            split_address(self.http_address, allow_zero=True)
         if self.peer_address in self.peers:
             raise ConfigError("--peers must list the OTHER nodes, not this node's own address")
         if self.fsync not in ("always", "never"):

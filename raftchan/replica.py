@@ -113,6 +113,8 @@ class Replica:
 
     ``on_applied(position)``, ``on_role_changed()`` and ``on_fatal(reason)`` are called on
     the asyncio loop (never in pysyncobj's thread); after ``on_fatal`` the node must stop.
+    ``on_snapshot_written(seconds)`` is called in pysyncobj's thread after each snapshot
+    written, with the time it took; it must be quick and thread-safe.
     Read :attr:`state` only while holding :attr:`lock`.
     """
 
@@ -123,6 +125,7 @@ class Replica:
         on_applied: Callable[[int], None] = lambda position: None,
         on_role_changed: Callable[[], None] = lambda: None,
         on_fatal: Callable[[str], None] = lambda reason: None,
+        on_snapshot_written: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         self.config = config
         self.lock = threading.Lock()
@@ -131,6 +134,7 @@ class Replica:
         self._on_applied = on_applied
         self._on_role_changed = on_role_changed
         self._on_fatal = on_fatal
+        self._on_snapshot_written = on_snapshot_written
         self._closed = False
 
         data_dir = Path(config.data_dir)
@@ -202,11 +206,13 @@ class Replica:
         return results
 
     def _write_snapshot(self, file_name: str, data: Any) -> None:
+        started = time.perf_counter()
         last_entry, prev_entry, cluster = data
         with self.lock:
             state_bytes = self.state.to_bytes()
         node_ids = sorted(getattr(node, "id", str(node)) for node in cluster)
         snapshot_module.write_snapshot(file_name, last_entry, prev_entry, node_ids, state_bytes)
+        self._on_snapshot_written(time.perf_counter() - started)
 
     def _read_snapshot(self, file_name: str) -> tuple[Any, Any, Any]:
         try:

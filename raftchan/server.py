@@ -3,7 +3,9 @@
 Any node accepts connections. Writes and linearizable reads are served by the leader only
 (followers answer ``not_leader`` with the leader's client address); long-polls and status
 are served by every node. One place reads the socket (:meth:`NodeServer._serve_connection`);
-everything about bytes is in :mod:`raftchan.protocol`.
+everything about bytes is in :mod:`raftchan.protocol`. With ``http_address`` set the node
+also serves ``/health`` and ``/metrics`` (:mod:`raftchan.http_endpoint`,
+:mod:`raftchan.metrics`) on the same loop.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from raftchan.errors import (
     RequestInvalid,
     error_from_wire,
 )
+from raftchan.http_endpoint import HttpEndpoint
+from raftchan.metrics import NodeMetrics, NodeSample
 from raftchan.replica import Replica
 from raftchan.state import Result, encode_command
 
@@ -53,15 +57,27 @@ class NodeServer:
         self.limits = config.limits
         self._loop = asyncio.get_running_loop()
         self._applied = asyncio.Event()
+        #: Long polls waiting in :meth:`_poll` right now.
+        self.waiting_polls = 0
+        self.metrics = NodeMetrics(self.sample)
         self.replica = Replica(
             config,
             self._loop,
             on_applied=self._on_applied,
             on_role_changed=self._on_role_changed,
             on_fatal=self._on_fatal,
+            on_snapshot_written=self.metrics.observe_snapshot,
         )
         commit_timeout = max(4 * config.raft.max_timeout, 5.0)
-        self.committer = Committer(self.replica.submit, self.limits, commit_timeout=commit_timeout)
+        submit = self.metrics.instrument_submit(
+            self.replica.submit, lambda: self.committer.ops_submitted
+        )
+        self.committer = Committer(submit, self.limits, commit_timeout=commit_timeout)
+        self.http: HttpEndpoint | None = None
+        if config.http_address is not None:
+            self.http = HttpEndpoint(
+                config.http_address, sample=self.sample, render=self.metrics.render
+            )
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
@@ -92,20 +108,30 @@ class NodeServer:
         self._server = await asyncio.start_server(
             self._serve_connection, host, port, reuse_address=True, limit=2**20
         )
+        if self.http is not None:
+            self.http.start()
         self._background.append(asyncio.create_task(self._register_loop()))
         if self.keeper is not None:
             self.keeper.start()
             self.keeper.set_leader(self.replica.is_leader)
         logger.info(
-            "node %s ready: client=%s raft=%s",
+            "node %s ready: client=%s raft=%s http=%s",
             self.config.name,
             self.config.client_address,
             self.config.peer_address,
+            self.http_address or "off",
         )
+
+    @property
+    def http_address(self) -> str | None:
+        """Where ``/health`` and ``/metrics`` are served (the port chosen for port 0)."""
+        return None if self.http is None else self.http.bound_address
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self.http is not None:
+            await self.http.close()
         for task in [*self._background, *self._connections]:
             task.cancel()
         for task in [*self._background, *self._connections]:
@@ -137,6 +163,36 @@ class NodeServer:
         self._was_leader = leading
         if self.keeper is not None:
             self.keeper.set_leader(leading)
+
+    # -- what operators see (on the loop) --------------------------------------------------
+
+    def sample(self) -> NodeSample:
+        """This node's figures now, for ``/health`` and ``/metrics`` (no I/O)."""
+        status = self.replica.status()
+        pinned = 0
+        if self.keeper is not None:
+            with self.replica.lock:
+                # A channel marks lost only keys it references, so lost is within refs.
+                pinned = sum(
+                    len(channel.refs) - len(channel.lost)
+                    for channel in self.replica.state.channels.values()
+                )
+        return NodeSample(
+            name=self.config.name,
+            client_address=self.config.client_address,
+            raft_address=self.config.peer_address,
+            role=status["role"],
+            term=status["term"],
+            commit_index=status["commit_index"],
+            applied_index=status["applied_index"],
+            ready=status["ready"],
+            leader_known=self.replica.hears_leader(),
+            leader=status["leader"],
+            channels=status["channels"],
+            sessions=status["sessions"],
+            waiting_polls=self.waiting_polls,
+            pinned_futures=pinned,
+        )
 
     # -- the keeper's view of the state (on the loop) -------------------------------------
 
@@ -260,7 +316,11 @@ class NodeServer:
         if isinstance(request, protocol.Status):
             keeper = {} if self.keeper is None else self.keeper.status()
             return protocol.ok_response(
-                rid, **self.replica.status(), **keeper, polls_answered=self.polls_answered
+                rid,
+                **self.replica.status(),
+                **keeper,
+                polls_answered=self.polls_answered,
+                http_address=self.http_address,
             )
         if isinstance(request, protocol.Poll):
             return protocol.ok_response(rid, **await self._poll(request))
@@ -320,6 +380,10 @@ class NodeServer:
             op.append(request.keys)
         result = await self._commit(op)
         self._release(request.channel, result)
+        if not result["duplicate"]:
+            # A retry that overlaps an earlier append only in part counts its whole
+            # length: the result does not say which of its indexes are new.
+            self.metrics.count_appends(len(result["indexes"]))
         fields: dict[str, Any] = {"indexes": result["indexes"], "duplicate": result["duplicate"]}
         if request.keys and self.keeper is not None:
             keys = list(dict.fromkeys(key for item_keys in request.keys for key in item_keys))
@@ -373,6 +437,13 @@ class NodeServer:
 
         Returns early with what is there; an empty answer after ``wait`` seconds otherwise.
         """
+        self.waiting_polls += 1
+        try:
+            return await self._poll_until(request)
+        finally:
+            self.waiting_polls -= 1
+
+    async def _poll_until(self, request: protocol.Poll) -> dict[str, Any]:
         deadline = self._loop.time() + request.wait
         while True:
             event = self._applied

@@ -301,10 +301,10 @@ def test_status_table_and_leader() -> None:
     table = format_table(nodes).splitlines()
 
     assert table[0].split() == [
-        "NAME", "CLIENT", "ADDRESS", "ROLE", "TERM", "COMMIT", "APPLIED", "LEADER",
+        "NAME", "ROLE", "TERM", "COMMIT", "APPLIED", "LAG", "READY", "CLIENT", "ADDRESS",
     ]  # fmt: skip
-    assert table[2].split() == ["n2", "127.0.0.1:2", "leader", "3", "7", "6", "127.0.0.1:2"]
-    assert table[3].split() == ["-", "127.0.0.1:3", "unreachable", "-", "-", "-", "-"]
+    assert table[2].split() == ["n2", "leader", "3", "7", "6", "1", "-", "127.0.0.1:2"]
+    assert table[3].split() == ["-", "unreachable", "-", "-", "-", "-", "-", "127.0.0.1:3"]
     assert leader_of(nodes) == "127.0.0.1:2"
     # Without the leader's own answer, the leader the others name.
     assert leader_of([nodes[0], nodes[2]]) == "127.0.0.1:2"
