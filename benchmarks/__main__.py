@@ -93,28 +93,33 @@ async def _phases(system: System, cfg: Config, result: dict[str, Any]) -> None:
 
         return wrapped
 
-    for n in cfg.producers:
-        say(f"  {system.name}: throughput, {n} producer(s), {cfg.throughput_s:.0f} s ...")
-        appenders = [counted(a) for a in await system.open_appenders(n, cfg.shared_client)]
+    for size in cfg.item_sizes:
+        for n in cfg.producers:
+            say(
+                f"  {system.name}: throughput, {n} producer(s), {size} B, "
+                f"{cfg.throughput_s:g} s ..."
+            )
+            appenders = [counted(a) for a in await system.open_appenders(n, cfg.shared_client)]
+            try:
+                figures = await throughput(appenders, cfg, size)
+            finally:
+                await system.close_appenders()
+            result["throughput"].append(figures)
+            say(
+                f"    {figures['items_per_s']:,.0f} items/s, p50 {figures['p50_ms']} ms, "
+                f"p99 {figures['p99_ms']} ms ({figures['items']} items)"
+            )
+        say(
+            f"  {system.name}: paced latency, {size} B, {cfg.paced_items} appends "
+            f"every {cfg.paced_interval_s * 1000:g} ms ..."
+        )
+        (append,) = await system.open_appenders(1, True)
         try:
-            figures = await throughput(appenders, cfg)
+            figures = await paced(counted(append), cfg, size)
         finally:
             await system.close_appenders()
-        result["throughput"].append(figures)
-        say(
-            f"    {figures['items_per_s']:,.0f} items/s, p50 {figures['p50_ms']} ms, "
-            f"p99 {figures['p99_ms']} ms ({figures['items']} items)"
-        )
-    say(
-        f"  {system.name}: paced latency, {cfg.paced_items} appends "
-        f"every {cfg.paced_interval_s * 1000:.0f} ms ..."
-    )
-    (append,) = await system.open_appenders(1, True)
-    try:
-        result["paced"] = await paced(counted(append), cfg)
-    finally:
-        await system.close_appenders()
-    say(f"    p50 {result['paced']['p50_ms']} ms, p99 {result['paced']['p99_ms']} ms")
+        result["paced"].append(figures)
+        say(f"    p50 {figures['p50_ms']} ms, p99 {figures['p99_ms']} ms")
     stored = await system.count()
     result["acked"] = acked
     result["stored"] = stored
@@ -130,7 +135,7 @@ def run_system(system: System, cfg: Config, workdir: Path) -> dict[str, Any]:
         "name": system.name,
         "guarantees": system.guarantees,
         "throughput": [],
-        "paced": None,
+        "paced": [],
     }
     started = time.monotonic()
     say(f"== {system.name}")
@@ -155,6 +160,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = PROFILES["full" if args.full else "quick"]
     if args.client_per_producer:
         cfg = dataclasses.replace(cfg, shared_client=False)
+    if args.sizes:
+        try:
+            sizes = tuple(int(x) for x in args.sizes.split(",") if x.strip())
+        except ValueError:
+            sizes = ()
+        if not sizes or min(sizes) < 8:
+            say(f"--sizes takes item sizes in bytes, at least 8 each: {args.sizes!r}")
+            return 2
+        cfg = dataclasses.replace(cfg, item_sizes=sizes)
     available = _systems()
     names = [n.strip() for n in args.systems.split(",") if n.strip()]
     unknown = [n for n in names if n not in available]
@@ -179,8 +193,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     table = report.markdown(run)
-    for s in run["systems"]:
-        s.pop("producer_counts", None)
     run["markdown"] = table
     out_dir = Path(args.out) if args.out else RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -206,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--full", action="store_true", help="longer phases, more samples")
     run.add_argument(
         "--systems", default=",".join(SYSTEM_NAMES), help="comma-separated, from: %(default)s"
+    )
+    run.add_argument(
+        "--sizes",
+        help="item sizes in bytes, comma-separated (default: 16 with --quick, "
+        "16,256,4096 with --full)",
     )
     run.add_argument("--out", help="folder for the JSON and Markdown (benchmarks/results)")
     run.add_argument(

@@ -49,7 +49,8 @@ class Config:
 
     profile: str
     producers: tuple[int, ...]
-    item_bytes: int
+    #: Item sizes in bytes; the throughput and paced phases run once for each.
+    item_sizes: tuple[int, ...]
     #: Seconds each throughput phase runs (every producer stops at this time) ...
     throughput_s: float
     #: ... or after this many acknowledged appends in all, whichever comes first.
@@ -67,7 +68,7 @@ class Config:
         return {
             "profile": self.profile,
             "producers": list(self.producers),
-            "item_bytes": self.item_bytes,
+            "item_sizes": list(self.item_sizes),
             "throughput_s": self.throughput_s,
             "throughput_max_items": self.throughput_max_items,
             "paced_items": self.paced_items,
@@ -81,7 +82,7 @@ PROFILES = {
     "quick": Config(
         profile="quick",
         producers=(1, 8, 64),
-        item_bytes=16,
+        item_sizes=(16,),
         throughput_s=3.0,
         throughput_max_items=300_000,
         paced_items=200,
@@ -90,7 +91,7 @@ PROFILES = {
     "full": Config(
         profile="full",
         producers=(1, 8, 64),
-        item_bytes=16,
+        item_sizes=(16, 256, 4096),
         throughput_s=10.0,
         throughput_max_items=2_000_000,
         paced_items=1_000,
@@ -210,11 +211,11 @@ def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
 # Workloads
 
 
-async def throughput(appenders: list[Appender], cfg: Config) -> dict[str, Any]:
+async def throughput(appenders: list[Appender], cfg: Config, item_bytes: int) -> dict[str, Any]:
     """Closed loop: each producer keeps exactly one acknowledged append outstanding, so
     ``len(appenders)`` is the number of appends in flight. Items per second over the wall
     time from the start until the last producer's last acknowledgement."""
-    payload = b"x" * cfg.item_bytes
+    payload = b"x" * item_bytes
     await asyncio.gather(*(_warm(a, payload) for a in appenders))
     latencies: list[float] = []
     per_producer = max(1, cfg.throughput_max_items // len(appenders))
@@ -238,6 +239,7 @@ async def throughput(appenders: list[Appender], cfg: Config) -> dict[str, Any]:
     wall = time.perf_counter() - started
     return {
         "producers": len(appenders),
+        "item_bytes": item_bytes,
         "items": len(latencies),
         "seconds": round(wall, 3),
         "items_per_s": round(len(latencies) / wall, 1),
@@ -245,10 +247,10 @@ async def throughput(appenders: list[Appender], cfg: Config) -> dict[str, Any]:
     }
 
 
-async def paced(append: Appender, cfg: Config) -> dict[str, Any]:
+async def paced(append: Appender, cfg: Config, item_bytes: int) -> dict[str, Any]:
     """One producer, one append every ``paced_interval_s`` (never two outstanding): the
     latency of an acknowledgement at low load."""
-    payload = b"x" * cfg.item_bytes
+    payload = b"x" * item_bytes
     await _warm(append, payload)
     latencies: list[float] = []
     deadline = time.perf_counter() + cfg.paced_items * cfg.paced_interval_s + PHASE_GRACE_S
@@ -264,6 +266,7 @@ async def paced(append: Appender, cfg: Config) -> dict[str, Any]:
         latencies.append(time.perf_counter() - begin)
         next_at = begin + cfg.paced_interval_s
     return {
+        "item_bytes": item_bytes,
         "items": len(latencies),
         "interval_ms": cfg.paced_interval_s * 1000.0,
         **latency_summary(latencies),

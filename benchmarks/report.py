@@ -1,4 +1,4 @@
-"""The Markdown table of a run, with ratios raftchan / peer computed within the run."""
+"""The Markdown tables of a run, with ratios raftchan / peer computed within the run."""
 
 from __future__ import annotations
 
@@ -8,63 +8,101 @@ from typing import Any
 BASELINE = "raftchan"
 
 
-def _fmt(value: float | None, digits: int = 0) -> str:
+def size_label(n: int) -> str:
+    """``16`` -> ``"16 B"``, ``4096`` -> ``"4 KiB"``."""
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n // 1024} KiB"
+    return f"{n} B"
+
+
+def fmt(value: float | None, digits: int = 0) -> str:
+    """A figure for a table: thousands separated, ``-`` for a missing one."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{value:,.{digits}f}"
 
 
-def _columns(result: dict[str, Any]) -> dict[str, float | None]:
+def ratio(mine: float | None, theirs: float | None) -> str:
+    """``mine / theirs`` as ``"1.25x"``, ``-`` when either is missing or zero."""
+    if not mine or not theirs or math.isnan(mine) or math.isnan(theirs):
+        return "-"
+    return f"{mine / theirs:.2f}x"
+
+
+def columns(result: dict[str, Any], producers: list[int], size: int) -> dict[str, float | None]:
+    """One system's row for one item size: throughput per producer count, the p99 at the
+    most producers, and the paced p50/p99."""
     cols: dict[str, float | None] = {}
-    by_n = {t["producers"]: t for t in result.get("throughput", []) if "items_per_s" in t}
-    for n in result.get("producer_counts", []):
-        cols[f"items/s, {n} producers"] = by_n[n]["items_per_s"] if n in by_n else None
-    top = max(by_n) if by_n else None
-    cols["p99 ms at max producers"] = by_n[top]["p99_ms"] if top is not None else None
-    paced = result.get("paced") or {}
+    by_n = {
+        t["producers"]: t
+        for t in result.get("throughput", [])
+        if "items_per_s" in t and t.get("item_bytes") == size
+    }
+    for n in producers:
+        label = f"items/s, {n} producer" + ("" if n == 1 else "s")
+        cols[label] = by_n[n]["items_per_s"] if n in by_n else None
+    top = max(producers) if producers else None
+    cols[f"p99 ms at {top}"] = by_n[top]["p99_ms"] if top in by_n else None
+    paced: dict[str, Any] = next(
+        (p for p in result.get("paced", []) if p.get("item_bytes") == size), {}
+    )
     cols["paced p50 ms"] = paced.get("p50_ms")
     cols["paced p99 ms"] = paced.get("p99_ms")
     return cols
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _size_section(ran: list[dict[str, Any]], producers: list[int], size: int) -> list[str]:
+    rows = {s["name"]: columns(s, producers, size) for s in ran}
+    names = list(next(iter(rows.values())))
+    lines = [f"### {size_label(size)} items", ""]
+    lines += _table(
+        ["system", *names],
+        [[n, *(fmt(v, 0 if "items/s" in k else 2) for k, v in c.items())] for n, c in rows.items()],
+    )
+    base = rows.get(BASELINE)
+    if base is not None and len(rows) > 1:
+        lines += ["", f"Ratios {BASELINE} / peer, same run:", ""]
+        lines += _table(
+            ["peer", *names],
+            [[n, *(ratio(base[k], c[k]) for k in names)] for n, c in rows.items() if n != BASELINE],
+        )
+    return lines + [""]
+
+
 def markdown(run: dict[str, Any]) -> str:
     systems = run["systems"]
-    for s in systems:
-        s["producer_counts"] = run["config"]["producers"]
+    config = run["config"]
+    producers = list(config["producers"])
     ran = [s for s in systems if not s.get("skipped")]
     lines: list[str] = []
     if ran:
-        names = list(_columns(ran[0]))
-        lines.append("| system | " + " | ".join(names) + " | stored = acked |")
-        lines.append("|---|" + "---:|" * len(names) + "---|")
-        for s in ran:
-            cols = _columns(s)
-            cells = [_fmt(v, 0 if "items/s" in k else 2) for k, v in cols.items()]
-            note = "yes" if s.get("verified") else ("ERROR" if s.get("error") else "no")
-            lines.append(f"| {s['name']} | " + " | ".join(cells) + f" | {note} |")
-        base = next((s for s in ran if s["name"] == BASELINE and not s.get("error")), None)
-        if base is not None and len(ran) > 1:
-            lines.append("")
-            lines.append(
-                f"Ratios {BASELINE} / peer, same run (throughput: above 1 means "
-                f"{BASELINE} is faster; latency: below 1 means {BASELINE} is faster)."
-            )
-            lines.append("")
-            lines.append("| peer | " + " | ".join(names) + " |")
-            lines.append("|---|" + "---:|" * len(names))
-            mine = _columns(base)
-            for s in ran:
-                if s is base:
-                    continue
-                theirs = _columns(s)
-                cells = []
-                for k in names:
-                    a, b = mine.get(k), theirs.get(k)
-                    cells.append(f"{a / b:.2f}x" if a and b else "-")
-                lines.append(f"| {s['name']} | " + " | ".join(cells) + " |")
+        lines += [
+            "Throughput: acknowledged items/s (above 1 in a ratio: raftchan is faster). "
+            "Latency: ms from append to acknowledgement (below 1 in a ratio: raftchan is "
+            "faster).",
+            "",
+        ]
+        for size in config["item_sizes"]:
+            lines += _size_section(ran, producers, size)
+        lines += _table(
+            ["system", "acknowledged", "stored", "stored = acked"],
+            [[s["name"], fmt(s.get("acked")), fmt(s.get("stored")), _verdict(s)] for s in ran],
+        )
     for s in systems:
         if s.get("skipped"):
             lines.append(f"\nSkipped {s['name']}: {s['skipped']}")
         if s.get("error"):
             lines.append(f"\nError in {s['name']}: {s['error']}")
     return "\n".join(lines) + "\n"
+
+
+def _verdict(result: dict[str, Any]) -> str:
+    if result.get("error"):
+        return "ERROR"
+    return "yes" if result.get("verified") else "NO"
