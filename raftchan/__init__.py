@@ -17,6 +17,7 @@ from raftchan.errors import (
     FutureLost,
     ItemNotEncodable,
     LimitExceeded,
+    NodeNotTrusted,
     NoLeader,
     NotLeader,
     ProtocolError,
@@ -24,6 +25,7 @@ from raftchan.errors import (
     RequestInvalid,
     Timeout,
     TrimmedGap,
+    Unauthorized,
 )
 from raftchan.sync import Channel, Client
 
@@ -43,6 +45,7 @@ __all__ = [
     "ItemCodec",
     "ItemNotEncodable",
     "LimitExceeded",
+    "NodeNotTrusted",
     "NoLeader",
     "NotLeader",
     "ProtocolError",
@@ -51,5 +54,6 @@ __all__ = [
     "RetryPolicy",
     "Timeout",
     "TrimmedGap",
+    "Unauthorized",
     "__version__",
 ]

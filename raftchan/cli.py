@@ -27,6 +27,7 @@ from raftchan.config import ConfigError, NodeConfig, RaftTuning, is_loopback, pa
 from raftchan.errors import RaftchanError
 from raftchan.limits import DEFAULT_LIMITS
 from raftchan.logs import LOG_FORMATS, configure_logging
+from raftchan.security import read_tokens, server_ssl_context
 
 if TYPE_CHECKING:
     from cluster.harness import LocalCluster
@@ -242,6 +243,22 @@ def _limit_options(func: F) -> F:
     "[default: no HTTP endpoint]",
 )
 @click.option(
+    "--tls-cert-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Serve clients over TLS with this certificate chain (PEM); needs --tls-key-file.",
+)
+@click.option(
+    "--tls-key-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The private key (PEM) of --tls-cert-file.",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Require clients to present one of the tokens this file lists, one per line "
+    "(clients: token= or $RAFTCHAN_TOKEN).",
+)
+@click.option(
     "--check-config",
     is_flag=True,
     help="Validate the settings, print each with where it came from, and exit without "
@@ -262,6 +279,8 @@ def node(**options: Any) -> None:
         # run_node validates too; doing it here first gives a one-line error without
         # importing the server and its dependencies.
         config.validate()
+        if config.tls_cert_file is not None and config.tls_key_file is not None:
+            server_ssl_context(config.tls_cert_file, config.tls_key_file)  # loads, or says why
         if options["check_config"]:
             check_node_paths(config)
     except ConfigError as exc:
@@ -366,6 +385,9 @@ def _node_config(options: Mapping[str, Any]) -> NodeConfig:
         fault_injection=options["fault_injection"],
         unsafe_local_reads=options["unsafe_local_reads"],
         http_address=options["http_address"],
+        tls_cert_file=options["tls_cert_file"],
+        tls_key_file=options["tls_key_file"],
+        tokens=read_tokens(options["token_file"]) if options["token_file"] else (),
     )
 
 

@@ -28,6 +28,7 @@ import functools
 import logging
 import os
 import random
+import ssl
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -45,15 +46,18 @@ from raftchan.errors import (
     CommitUnknown,
     DaskUnavailable,
     FutureLost,
+    NodeNotTrusted,
     NoLeader,
     NotLeader,
     ProtocolError,
     RaftchanError,
     Timeout,
     TrimmedGap,
+    Unauthorized,
 )
 from raftchan.limits import DEFAULT_LIMITS, Limits
 from raftchan.protocol import ChannelInfo, ReadResult
+from raftchan.security import ClientTLS, client_ssl_context, resolve_token
 
 __all__ = ["AsyncChannel", "AsyncClient", "Backoff", "RetryPolicy"]
 
@@ -74,6 +78,17 @@ _STATE_REFUSALS = (ChannelStopped, ChannelNotFound)
 #: (not an OSError on Python 3.10), EOF during the handshake, a malformed leader hint
 #: (ValueError), or a handshake the node rejected (RaftchanError).
 _DIAL_ERRORS = (OSError, asyncio.TimeoutError, EOFError, ValueError, RaftchanError)
+
+#: Dial outcomes that another attempt would only repeat: the client gives up at once.
+_FINAL_DIAL_ERRORS = (Unauthorized, NodeNotTrusted)
+
+
+@dataclass(frozen=True)
+class _Credentials:
+    """How this client proves itself (token) and checks the node (TLS context)."""
+
+    token: str | None = None
+    ssl: ssl.SSLContext | None = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -181,10 +196,19 @@ class _Link:
     for long polls, which any caught-up node may answer.
     """
 
-    def __init__(self, book: _AddressBook, retry: RetryPolicy, max_frame_bytes: int) -> None:
+    def __init__(
+        self,
+        book: _AddressBook,
+        retry: RetryPolicy,
+        max_frame_bytes: int,
+        credentials: _Credentials,
+    ) -> None:
         self.book = book
         self.retry = retry
         self.max_frame_bytes = max_frame_bytes
+        self.credentials = credentials
+        #: A refusal no retry can cure (wrong token, untrusted node): raised to every caller.
+        self.refused: RaftchanError | None = None
         self.conn: _Connection | None = None
         self.connect_task: asyncio.Task[None] | None = None
         self.last_error = "no attempt yet"
@@ -198,6 +222,8 @@ class _Link:
         while True:
             if self.closed:
                 raise Closed("this raftchan client is closed")
+            if self.refused is not None:
+                raise self.refused
             conn = self.conn
             if conn is not None and not conn.closed:
                 return conn
@@ -220,8 +246,12 @@ class _Link:
             address = self.book.next()
             try:
                 conn = await _Connection.open(
-                    address, self.retry.attempt_timeout, self.max_frame_bytes
+                    address, self.retry.attempt_timeout, self.max_frame_bytes, self.credentials
                 )
+            except _FINAL_DIAL_ERRORS as exc:
+                logger.error("%s refused this client: %s", address, exc)
+                self.refused = exc
+                return
             except _DIAL_ERRORS as exc:
                 self.last_error = f"{address}: {exc or type(exc).__name__}"
                 logger.debug("connecting failed: %s", self.last_error)
@@ -555,13 +585,33 @@ class _Connection:
         self._read_task = asyncio.get_running_loop().create_task(self._read_loop())
 
     @classmethod
-    async def open(cls, address: str, timeout: float, max_frame_bytes: int) -> _Connection:
-        """Connect and handshake within ``timeout`` seconds."""
+    async def open(
+        cls,
+        address: str,
+        timeout: float,
+        max_frame_bytes: int,
+        credentials: _Credentials,
+    ) -> _Connection:
+        """Connect (with TLS if the credentials hold a context) and handshake within
+        ``timeout`` seconds.
+
+        Raises :class:`NodeNotTrusted` if the node's certificate does not verify, and
+        :class:`Unauthorized` if the node refuses the token.
+        """
         host, port = split_address(address)
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        tls = credentials.ssl
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    host, port, ssl=tls, server_hostname=host if tls is not None else None
+                ),
+                timeout,
+            )
+        except ssl.SSLCertVerificationError as exc:
+            raise NodeNotTrusted(f"{address}: {exc.verify_message or exc}") from None
         decoder = protocol.FrameDecoder(max_frame_bytes)
         try:
-            writer.write(protocol.encode_frame(protocol.hello_request()))
+            writer.write(protocol.encode_frame(protocol.hello_request(credentials.token)))
             hello = await asyncio.wait_for(_read_message(reader, decoder), timeout)
             if "ok" in hello:  # the node answered the hello with an error response
                 raise protocol.response_error(hello) or ProtocolError("unexpected hello answer")
@@ -740,6 +790,14 @@ class AsyncClient:
         limits: the cluster's limits as this client assumes them (batch sizes, item size).
         max_in_flight: append requests sent but not yet answered, at most.
         poll_wait: seconds a node may hold one poll of an iteration before answering empty.
+        token: sent to every node in the handshake, for nodes started with ``--token-file``
+            (default ``$RAFTCHAN_TOKEN``). A node that refuses it raises
+            :class:`~raftchan.errors.Unauthorized` from every operation, at once.
+        tls: dial the nodes with TLS and verify their certificates: ``True`` trusts the
+            system's CAs, a path trusts that CA bundle, an ``ssl.SSLContext`` is used as
+            it is; ``None`` reads ``$RAFTCHAN_TLS_CA_FILE`` (no TLS if unset). A node whose
+            certificate does not verify or does not name the address dialled raises
+            :class:`~raftchan.errors.NodeNotTrusted`.
 
     No I/O happens until the first operation. ``async with AsyncClient(...) as client``
     closes the client on exit.
@@ -756,6 +814,8 @@ class AsyncClient:
         max_in_flight: int = 8,
         poll_wait: float = 5.0,
         dask_client: Any = None,
+        token: str | None = None,
+        tls: ClientTLS = None,
     ) -> None:
         retry = retry or RetryPolicy()
         self.retry = retry if timeout is None else replace(retry, timeout=timeout)
@@ -766,16 +826,20 @@ class AsyncClient:
         self.limits = limits
         self.max_in_flight = max_in_flight
         self.poll_wait = min(poll_wait, limits.max_poll_wait)
+        self._credentials = _Credentials(resolve_token(token), client_ssl_context(tls))
         # A random start spreads many clients over the nodes for their first dial; the
         # leader's "not_leader" hints then take each client where writes are served.
         self._link = _Link(
             _AddressBook(self.addresses, random.randrange(len(self.addresses))),
             self.retry,
             limits.max_frame_bytes,
+            self._credentials,
         )
         # Long polls go to the first listed node that answers them (a reader lists its
         # nearest node first), so followers carry the iterations and the leader the writes.
-        self._poll_link = _Link(_AddressBook(self.addresses), self.retry, limits.max_frame_bytes)
+        self._poll_link = _Link(
+            _AddressBook(self.addresses), self.retry, limits.max_frame_bytes, self._credentials
+        )
         self._outbox = _Outbox()
         self._flushers: list[tuple[int, asyncio.Future[None]]] = []
         self._sender: asyncio.Task[None] | None = None
@@ -1099,6 +1163,14 @@ class AsyncClient:
                 await self._send_step()
             except Closed:
                 return
+            except _FINAL_DIAL_ERRORS as exc:
+                # Nothing was sent; the appends stay queued, and every waiting flush
+                # learns why now instead of at its deadline.
+                for _, waiter in self._flushers:
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+                self._flushers = []
+                return
             except Exception:  # a bug of ours must not silently stop every append
                 logger.exception("the append sender failed; restarting it")
                 await asyncio.sleep(self._sender_backoff.next_delay())
@@ -1217,7 +1289,9 @@ class AsyncClient:
 
     async def _status_of(self, address: str, timeout: float) -> dict[str, Any]:
         try:
-            conn = await _Connection.open(address, timeout, self.limits.max_frame_bytes)
+            conn = await _Connection.open(
+                address, timeout, self.limits.max_frame_bytes, self._credentials
+            )
         except _DIAL_ERRORS as exc:
             return {
                 "client_address": address,

@@ -116,6 +116,10 @@ class NodeConfig:
         http_address: ``HOST:PORT`` of the operators' HTTP endpoint (``/health``,
             ``/metrics``); ``None`` serves none. Port 0 picks a free port, which
             ``raftchan status --json`` reports as ``http_address``.
+        tls_cert_file, tls_key_file: the client listener serves TLS with this certificate
+            chain and key (both or neither).
+        tokens: when not empty, a client's hello must carry one of these tokens, or the
+            connection is refused before any request is read.
     """
 
     name: str
@@ -132,6 +136,9 @@ class NodeConfig:
     fault_injection: bool = False
     unsafe_local_reads: bool = False
     http_address: str | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tokens: tuple[bytes, ...] = ()
 
     def validate(self) -> None:
         """Raise ConfigError for a configuration that is unsafe or cannot work."""
@@ -143,6 +150,8 @@ class NodeConfig:
             raise ConfigError("--peers must list the OTHER nodes, not this node's own address")
         if self.fsync not in ("always", "never"):
             raise ConfigError("fsync must be 'always' or 'never'")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("--tls-cert-file and --tls-key-file go together: give both")
         hosts = [split_address(a)[0] for a in (self.peer_address, *self.peers)]
         if self.cluster_secret is None and not all(is_loopback(h) for h in hosts):
             raise ConfigError(

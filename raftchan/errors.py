@@ -13,6 +13,9 @@ Every error raftchan raises derives from :class:`RaftchanError`. The families ar
   dropped. :class:`RequestInvalid` (a subclass): a well-formed frame asked for something
   invalid; nothing was changed and the connection stays usable.
 - :class:`Closed`: you closed this client or channel yourself.
+- :class:`Unauthorized`: the node refused this client's token; nothing was done. The
+  client does not retry it: the same token would be refused again.
+  :class:`NodeNotTrusted`: the node's TLS certificate did not verify; nothing was sent.
 - :class:`ChannelStopped`, :class:`ChannelNotFound`, :class:`LimitExceeded`,
   :class:`ItemNotEncodable`, :class:`TrimmedGap`: the request was refused by the channel's
   rules; nothing stored was changed.
@@ -152,6 +155,23 @@ class DaskUnavailable(CommitUnknown):
     code = "dask_unavailable"
 
 
+class Unauthorized(RaftchanError):
+    """The node requires a token and this client gave none or a wrong one.
+
+    Refused at the handshake, before any request: nothing was read or changed. Give the
+    client a token the node's token file lists (``token=`` or ``$RAFTCHAN_TOKEN``).
+    """
+
+    code = "unauthorized"
+
+
+class NodeNotTrusted(RaftchanError):
+    """The node's TLS certificate did not verify against the client's trusted CAs, or
+    does not name the address dialled; the client sent nothing to it."""
+
+    code = "node_not_trusted"
+
+
 ERROR_CODES: dict[str, type[RaftchanError]] = {
     cls.code: cls
     for cls in (
@@ -170,6 +190,8 @@ ERROR_CODES: dict[str, type[RaftchanError]] = {
         TrimmedGap,
         FutureLost,
         DaskUnavailable,
+        Unauthorized,
+        NodeNotTrusted,
     )
 }
 

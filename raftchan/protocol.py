@@ -10,9 +10,11 @@ Framing
     buffered), as is a body that is not a msgpack map.
 
 Handshake
-    The client's first frame is ``{"type": "hello", "version": PROTOCOL_VERSION}``. The node
-    answers ``{"type": "hello", "version": PROTOCOL_VERSION, "node": NAME}`` or, on a version
-    it does not speak, an error response with code ``protocol_error`` and closes.
+    The client's first frame is ``{"type": "hello", "version": PROTOCOL_VERSION}``, with a
+    ``"token": STR`` when the client has one. The node answers ``{"type": "hello",
+    "version": PROTOCOL_VERSION, "node": NAME}`` or, on a version it does not speak, an
+    error response with code ``protocol_error`` and closes; a node that requires a token
+    answers a hello without an accepted one with code ``unauthorized`` and closes.
 
 Requests and responses
     A request is ``{"id": INT, "type": NAME, ...fields}``. Requests on one connection may be
@@ -140,8 +142,11 @@ def decode_body(body: bytes) -> dict[str, Any]:
 # Handshake
 
 
-def hello_request() -> dict[str, Any]:
-    return {"type": "hello", "version": PROTOCOL_VERSION}
+def hello_request(token: str | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"type": "hello", "version": PROTOCOL_VERSION}
+    if token is not None:
+        message["token"] = token
+    return message
 
 
 def hello_response(node_name: str, limits: Any = None) -> dict[str, Any]:

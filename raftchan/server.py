@@ -27,11 +27,13 @@ from raftchan.errors import (
     ProtocolError,
     RaftchanError,
     RequestInvalid,
+    Unauthorized,
     error_from_wire,
 )
 from raftchan.http_endpoint import HttpEndpoint
 from raftchan.metrics import NodeMetrics, NodeSample
 from raftchan.replica import Replica
+from raftchan.security import server_ssl_context, token_accepted
 from raftchan.state import Result, encode_command
 
 logger = logging.getLogger(__name__)
@@ -105,8 +107,11 @@ class NodeServer:
 
     async def start(self) -> None:
         host, port = split_address(self.config.client_address)
+        tls = None
+        if self.config.tls_cert_file is not None and self.config.tls_key_file is not None:
+            tls = server_ssl_context(self.config.tls_cert_file, self.config.tls_key_file)
         self._server = await asyncio.start_server(
-            self._serve_connection, host, port, reuse_address=True, limit=2**20
+            self._serve_connection, host, port, reuse_address=True, limit=2**20, ssl=tls
         )
         if self.http is not None:
             self.http.start()
@@ -260,6 +265,7 @@ class NodeServer:
                 for message in decoder.messages():
                     if not greeted:
                         protocol.check_hello(message)
+                        self._check_token(message, peer)
                         hello = protocol.hello_response(self.config.name, self.limits)
                         writer.write(protocol.encode_frame(hello))
                         greeted = True
@@ -270,7 +276,7 @@ class NodeServer:
                     handler = asyncio.create_task(self._handle(message, writer))
                     requests.add(handler)
                     handler.add_done_callback(requests.discard)
-        except ProtocolError as exc:
+        except (ProtocolError, Unauthorized) as exc:
             logger.warning("closing connection from %s: %s", peer, exc)
             with contextlib.suppress(Exception):
                 writer.write(protocol.encode_frame(protocol.error_response(None, exc)))
@@ -284,6 +290,14 @@ class NodeServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
             self._connections.discard(task)
+
+    def _check_token(self, hello: dict[str, Any], peer: Any) -> None:
+        """Raise Unauthorized unless this node needs no token or the hello carries one of
+        its tokens; no request of the connection is read before this passes."""
+        tokens = self.config.tokens
+        if tokens and not token_accepted(hello.get("token"), tokens):
+            given = "no token" if hello.get("token") is None else "a token it does not accept"
+            raise Unauthorized(f"node {self.config.name} requires a token; {peer} gave {given}")
 
     async def _handle(self, message: dict[str, Any], writer: asyncio.StreamWriter) -> None:
         # The same id rule as parse_request: a refused id (a bool, say) is answered as nil,

@@ -23,6 +23,7 @@ from raftchan.codec import Encoded, ItemCodec
 from raftchan.errors import Closed
 from raftchan.limits import DEFAULT_LIMITS, Limits
 from raftchan.protocol import ChannelInfo
+from raftchan.security import ClientTLS
 
 __all__ = ["Channel", "Client"]
 
@@ -36,7 +37,8 @@ class Client:
     """A blocking client of one raftchan cluster; safe to share between threads.
 
     Takes the same arguments as :class:`~raftchan.client.AsyncClient` (address list or
-    ``$RAFTCHAN_ADDRESS``, ``timeout``, ``retry``, ``codec``, ``dask_client``, ...).
+    ``$RAFTCHAN_ADDRESS``, ``timeout``, ``retry``, ``codec``, ``dask_client``, ``token``,
+    ``tls``, ...).
     Without ``dask_client``, the Dask client current in the constructing thread (a
     ``worker_client()`` inside a task, or the default client) is used when there is one,
     since reads are decoded on the client's own thread, where ``get_client()`` would not
@@ -56,6 +58,8 @@ class Client:
         max_in_flight: int = 8,
         poll_wait: float = 5.0,
         dask_client: Any = None,
+        token: str | None = None,
+        tls: ClientTLS = None,
     ) -> None:
         if dask_client is None and codec is None:
             dask_client = _current_dask_client()
@@ -68,6 +72,8 @@ class Client:
             max_in_flight=max_in_flight,
             poll_wait=poll_wait,
             dask_client=dask_client,
+            token=token,
+            tls=tls,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
