@@ -153,14 +153,15 @@ def node_container() -> dict[str, Any]:
     return next(c for c in containers if c["name"] == "node")
 
 
-def test_probes_use_the_nodes_http_port_and_the_readiness_probe_its_health_endpoint() -> None:
+def test_probes_ask_the_nodes_own_http_endpoint() -> None:
     container = node_container()
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     env = {item["name"]: item.get("value") for item in container["env"]}
     assert env["RAFTCHAN_HTTP_ADDRESS"].endswith(f":{ports['http']}")
     readiness = container["readinessProbe"]["httpGet"]
     assert (readiness["path"], readiness["port"]) == ("/health", "http")
-    assert container["livenessProbe"]["tcpSocket"]["port"] == "http"
+    liveness = container["livenessProbe"]["httpGet"]
+    assert (liveness["path"], liveness["port"]) == ("/metrics", "http")
 
 
 def test_cluster_secret_is_mounted_where_the_node_reads_it() -> None:
