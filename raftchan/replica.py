@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.tcp_connection import CONNECTION_STATE
 from pysyncobj.transport import TCPTransport
 
 from raftchan import journal as journal_module
@@ -305,11 +306,17 @@ class Replica:
         pysyncobj starts no election while a node has no peer connection at all, so such
         a node keeps naming its old leader for ever; the election deadline, which every
         message from the leader pushes back, tells a live leader from a remembered one.
+        A leader whose process died is also given up at once: the kernel closes its
+        connection, while the deadline would keep naming it for up to a timeout more.
         """
         if self.is_leader:
             return True
+        leader = self._node._getLeader()
         deadline = self._node._SyncObj__raftElectionDeadline
-        return self.leader_raft_address() is not None and time.monotonic() < float(deadline)
+        if leader is None or time.monotonic() >= float(deadline):
+            return False
+        connection = self._node._SyncObj__transport._connections.get(leader)
+        return connection is not None and connection.state == CONNECTION_STATE.CONNECTED
 
     def leader_raft_address(self) -> str | None:
         leader = self._node._getLeader()

@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 REGISTER_INTERVAL = 1.0
 #: How long a Dask key unknown to the scheduler is waited for before it counts as lost.
 CONFIRM_WAIT = 3.0
+#: How often a request held during an election checks whether a leader emerged (seconds).
+LEADER_POLL_INTERVAL = 0.01
 #: Bounds the leader's wait for its keeper to confirm an append's future pins; past it the
 #: client gets DaskUnavailable (retryable: the re-send is de-duplicated and asks again).
 #: Below the client's default attempt timeout, so the client hears why.
@@ -344,6 +346,7 @@ class NodeServer:
             self.replica.set_blocked_peers(set(request.block))
             logger.warning("fault injection: Raft traffic to %s dropped", request.block or "none")
             return protocol.ok_response(rid)
+        await self._await_leader()
         self._require_leader()
         if isinstance(request, protocol.Append):
             return await self._append(request)
@@ -408,6 +411,20 @@ class NodeServer:
                         await self._commit(["lost", request.channel, lost])
                     fields["lost"] = lost
         return protocol.ok_response(request.id, **fields)
+
+    async def _await_leader(self) -> None:
+        """While an election is on (this node neither leads nor hears a live leader), hold
+        the request up to two election timeouts for one to emerge.
+
+        Answering at once would send the client into its backoff, and it would retry a
+        few hundred milliseconds after the new leader is already there; held here, it gets
+        the new leader's address (or is served) as soon as the election ends.
+        """
+        deadline = self._loop.time() + 2 * self.config.raft.max_timeout
+        while not (self.replica.is_leader or self.replica.hears_leader()):
+            if self._loop.time() >= deadline:
+                return
+            await asyncio.sleep(LEADER_POLL_INTERVAL)
 
     def _require_leader(self) -> None:
         if not self.replica.is_leader:
