@@ -19,6 +19,8 @@ Every error raftchan raises derives from :class:`RaftchanError`. The families ar
 - :class:`ChannelStopped`, :class:`ChannelNotFound`, :class:`LimitExceeded`,
   :class:`ItemNotEncodable`, :class:`TrimmedGap`: the request was refused by the channel's
   rules; nothing stored was changed.
+- :class:`MembershipError` and its subclasses: a membership change was refused; the
+  cluster's membership did not change.
 
 Each error that travels over the wire has a stable ``code`` string (see
 :data:`ERROR_CODES`), so nodes and clients of different versions agree on meaning.
@@ -172,6 +174,32 @@ class NodeNotTrusted(RaftchanError):
     code = "node_not_trusted"
 
 
+class MembershipError(RaftchanError):
+    """A membership change (``raftchan member add/remove``) was refused; nothing changed."""
+
+    code = "membership_refused"
+
+
+class MemberExists(MembershipError):
+    """The Raft address to add is already a member of the cluster; nothing changed."""
+
+    code = "member_exists"
+
+
+class MemberNotFound(MembershipError):
+    """The Raft address to remove is not a member of the cluster; nothing changed."""
+
+    code = "member_not_found"
+
+
+class MembershipChangeInProgress(MembershipError):
+    """An earlier membership change is not committed yet (or a new leader has not yet
+    committed an entry of its own term); nothing changed. Retry once it has settled: Raft
+    changes membership safely only one node at a time."""
+
+    code = "membership_change_in_progress"
+
+
 ERROR_CODES: dict[str, type[RaftchanError]] = {
     cls.code: cls
     for cls in (
@@ -192,6 +220,10 @@ ERROR_CODES: dict[str, type[RaftchanError]] = {
         DaskUnavailable,
         Unauthorized,
         NodeNotTrusted,
+        MembershipError,
+        MemberExists,
+        MemberNotFound,
+        MembershipChangeInProgress,
     )
 }
 

@@ -16,6 +16,11 @@ What this module owns:
 - **Outcomes.** pysyncobj's LEADER_CHANGED, DISCARDED and UNKNOWN_OUTCOME all become
   :class:`~raftchan.errors.CommitUnknown`: the command may still commit, and only the
   state's de-duplication makes a retry safe.
+- **Membership.** pysyncobj's dynamic membership, with the gaps :mod:`raftchan.membership`
+  describes closed here: the membership a node starts with is computed from its snapshot
+  and journal (``--peers`` only bootstraps an empty data folder), snapshots record the
+  membership as of their own index, a change is refused while an earlier one is not yet
+  applied, and membership entries take effect when appended and never again when applied.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -31,13 +38,24 @@ from pathlib import Path
 from typing import Any
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.syncobj import _COMMAND_TYPE
 from pysyncobj.tcp_connection import CONNECTION_STATE
 from pysyncobj.transport import TCPTransport
 
 from raftchan import journal as journal_module
+from raftchan import membership
 from raftchan import snapshot as snapshot_module
 from raftchan.config import NodeConfig
-from raftchan.errors import CommitUnknown, NoLeader, NotLeader, RaftchanError
+from raftchan.errors import (
+    CommitUnknown,
+    MemberExists,
+    MemberNotFound,
+    MembershipChangeInProgress,
+    MembershipError,
+    NoLeader,
+    NotLeader,
+    RaftchanError,
+)
 from raftchan.limits import Limits
 from raftchan.peer_connection import install_message_bound
 from raftchan.state import ChannelState, Result
@@ -97,16 +115,121 @@ class _SyncBeforeSendTransport(TCPTransport):
         return bool(super().send(node, message))
 
 
-class _RaftNode(SyncObj):
-    """The pysyncobj object: exactly one replicated method; no other replicated state."""
+_MEMBERSHIP_TYPE = bytes([_COMMAND_TYPE.MEMBERSHIP])
 
-    def __init__(self, apply: Callable[[bytes], list[Result]], **kwargs: Any) -> None:
+
+def membership_change(command: bytes) -> membership.Change | None:
+    """The ``(kind, raft address)`` of a pysyncobj membership log entry, else None.
+
+    pysyncobj writes them as a type byte and a pickle of ``[kind, node id, node]``; the
+    log is this node's own (pysyncobj unpickles every entry of it anyway).
+    """
+    if command[:1] != _MEMBERSHIP_TYPE:
+        return None
+    request = pickle.loads(command[1:])  # noqa: S301 - our own log, as pysyncobj reads it
+    return str(request[0]), str(request[1])
+
+
+class _MembershipJournal(journal_module.DurableJournal):
+    """The journal, also keeping the log index of its last membership entry.
+
+    A truncation or clear rescans, so that a membership entry a new leader overwrote does
+    not hold up the next change.
+    """
+
+    last_change_index = 0
+
+    def track_changes(self) -> None:
+        """Find the last membership entry in the journal (once, after open)."""
+        self.last_change_index = 0
+        for entry in reversed(self[:]):  # rare: at open, truncation and snapshot install
+            if entry[0][:1] == _MEMBERSHIP_TYPE:
+                self.last_change_index = entry[1]
+                break
+
+    def add(self, command: bytes | bytearray | memoryview, idx: int, term: int) -> None:
+        super().add(command, idx, term)
+        if bytes(command[:1]) == _MEMBERSHIP_TYPE:
+            self.last_change_index = idx
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N802, N803 - pysyncobj's
+        super().deleteEntriesFrom(entryFrom)
+        self.track_changes()
+
+    def clear(self) -> None:
+        super().clear()
+        self.track_changes()
+
+    def changes_after(self, index: int) -> list[membership.Change]:
+        """Membership changes in the journal at log indexes above ``index``, in order."""
+        changes = []
+        for command, idx, _term in self[:]:
+            if idx > index:
+                change = membership_change(command)
+                if change is not None:
+                    changes.append(change)
+        return changes
+
+
+class _RaftNode(SyncObj):
+    """The pysyncobj object: exactly one replicated method; no other replicated state.
+
+    Three of SyncObj's private methods are replaced (by their mangled names) to make
+    membership changes follow Raft's single-server rules; see each one.
+    """
+
+    def __init__(
+        self,
+        apply: Callable[[bytes], list[Result]],
+        journal: _MembershipJournal,
+        **kwargs: Any,
+    ) -> None:
         self._raftchan_apply = apply
+        self._raftchan_journal = journal
+        #: Why the last membership change this leader refused was refused (tick thread).
+        self.raftchan_refusal: str | None = None
         super().__init__(**kwargs)
 
     @replicated
     def apply_command(self, command: bytes) -> list[Result]:
         return self._raftchan_apply(command)
+
+    def _SyncObj__changeCluster(self, request: Any) -> bool:  # noqa: N802 - overrides it
+        # Called on the leader in the tick thread right before a change is appended, so
+        # the check and the append are one step. pysyncobj's own guard against a second
+        # change in flight is never armed (measured); this is it. The leader must also
+        # have applied the no-op of its term (pysyncobj checks that itself).
+        applied = self._SyncObj__raftLastApplied
+        if self._raftchan_journal.last_change_index > applied:
+            self.raftchan_refusal = "in_progress"
+            return False
+        noop = self._SyncObj__noopIDx
+        if noop is None or applied < noop:
+            self.raftchan_refusal = "leader_not_ready"
+            return False
+        self.raftchan_refusal = "no_change"  # pysyncobj refuses adding a member, etc.
+        accepted = bool(SyncObj._SyncObj__changeCluster(self, request))
+        if accepted:
+            self.raftchan_refusal = None
+        return accepted
+
+    def _SyncObj__doApplyCommand(self, command: bytes) -> Any:  # noqa: N802 - overrides it
+        # pysyncobj re-runs a membership change when its entry is applied, to rebuild the
+        # membership after a restart. A node here starts with the membership of its whole
+        # log instead, and the change took effect when it was appended; running it again
+        # when a follower applies late would briefly undo a later change (a removed node
+        # re-added until its removal is applied).
+        if command[:1] == _MEMBERSHIP_TYPE:
+            return None
+        return SyncObj._SyncObj__doApplyCommand(self, command)
+
+    def _addNodeToCluster(self, args: Any, callback: Any) -> None:  # noqa: N802
+        # pysyncobj's utility messages on the Raft port would change membership past
+        # raftchan's checks (and tokens): only the client protocol may.
+        callback(None, FAIL_REASON.REQUEST_DENIED)
+
+    def _removeNodeFromCluster(self, args: Any, callback: Any) -> None:  # noqa: N802
+        callback(None, FAIL_REASON.REQUEST_DENIED)
 
 
 class Replica:
@@ -142,12 +265,17 @@ class Replica:
         data_dir.mkdir(parents=True, exist_ok=True)
         journal_path = str(data_dir / JOURNAL_FILE)
         snapshot_path = str(data_dir / SNAPSHOT_FILE)
-        self.journal = journal_module.DurableJournal(
+        self.journal = _MembershipJournal(
             journal_path,
             snapshot_path=snapshot_path,
             fsync=config.fsync == "always",
             record_synced=config.record_synced,
         )
+        self.journal.track_changes()
+        self._start_members = self._members_from_disk(data_dir, snapshot_path)
+        # pysyncobj loads the snapshot file (if any) in its first tick: that call of the
+        # deserializer restores this start; every later one installs a leader's snapshot.
+        self._startup_load_pending = os.path.isfile(snapshot_path)
         journal_module.install_journal_factory()
         install_message_bound(peer_message_bytes(config.limits))
         journal_module.register_journal(journal_path, self.journal)
@@ -184,16 +312,40 @@ class Replica:
             bindAddress=config.peer_address,
             password=config.cluster_secret,
             onStateChanged=self._state_changed,
-            dynamicMembershipChange=False,
+            dynamicMembershipChange=True,
         )
         self._transport_class = functools.partial(_SyncBeforeSendTransport, journal=self.journal)
         self._node = _RaftNode(
             self._apply,
+            self.journal,
             selfNode=config.peer_address,
-            otherNodes=list(config.peers),
+            otherNodes=[m for m in self._start_members if m != config.peer_address],
             conf=conf,
             transportClass=self._transport_class,
         )
+
+    def _members_from_disk(self, data_dir: Path, snapshot_path: str) -> list[str]:
+        """The membership at the end of this node's log: the snapshot's members (or the
+        bootstrap list) with every membership entry of the journal after it applied."""
+        config = self.config
+        snap = snapshot_module.read_snapshot_meta(snapshot_path)
+        if snap is None:
+            base = membership.bootstrap_members(data_dir, config.peer_address, config.peers)
+            after = 0
+        else:
+            # Written by earlier versions too: record the bootstrap list all the same.
+            membership.bootstrap_members(data_dir, config.peer_address, config.peers)
+            base, after = list(snap.node_ids), snap.last_entry[1]
+        members = membership.apply_changes(base, self.journal.changes_after(after))
+        if config.peer_address not in members:
+            logger.warning(
+                "this node (%s) is not a member of the cluster its log describes (%s): it "
+                "was removed, or is to be added; it cannot vote or lead until it is added",
+                config.peer_address,
+                ",".join(members),
+            )
+        logger.info("raft members at start: %s", ",".join(members))
+        return members
 
     # -- pysyncobj thread -------------------------------------------------------------------
 
@@ -211,7 +363,10 @@ class Replica:
         last_entry, prev_entry, cluster = data
         with self.lock:
             state_bytes = self.state.to_bytes()
-        node_ids = sorted(getattr(node, "id", str(node)) for node in cluster)
+        # pysyncobj hands over the membership of the log's end; the snapshot must hold
+        # the membership as of its own index, so undo the changes logged after it.
+        current = [getattr(node, "id", str(node)) for node in cluster]
+        node_ids = membership.undo_changes(current, self.journal.changes_after(last_entry[1]))
         snapshot_module.write_snapshot(file_name, last_entry, prev_entry, node_ids, state_bytes)
         self._on_snapshot_written(time.perf_counter() - started)
 
@@ -232,7 +387,18 @@ class Replica:
             "loaded snapshot at log index %d (state position %d)", snap.last_entry[1], position
         )
         self._call_in_loop(self._on_applied, position)
-        return snap.last_entry, snap.prev_entry, list(snap.node_ids)
+        if self._startup_load_pending:
+            # At start the journal after the snapshot is kept: the membership is the one
+            # computed from both before pysyncobj started.
+            self._startup_load_pending = False
+            members = self._start_members
+        else:
+            # A leader's snapshot replaces this node's whole log.
+            members = list(snap.node_ids)
+        # Ids without this node: pysyncobj compares the list with its own node object, not
+        # its id, and a string id of itself would make it count itself twice (measured).
+        others = [m for m in members if m != self.config.peer_address]
+        return snap.last_entry, snap.prev_entry, others
 
     def _state_changed(self, old: int, new: int) -> None:
         # The term goes into the log line so that a test can check that no term ever had
@@ -357,7 +523,85 @@ class Replica:
             "channels": channels,
             "sessions": sessions,
             "journal_synced_bytes": self.journal.synced_length,
+            "members": self.members(),
         }
+
+    # -- membership (asyncio side) ------------------------------------------------------
+
+    def members(self) -> list[str]:
+        """The Raft addresses of the cluster as this node has it now (sorted; this node
+        included). On the leader, this includes a change not yet committed."""
+        others = self._node.otherNodes  # a copy, taken atomically
+        return sorted({self.config.peer_address, *(node.id for node in others)})
+
+    def leader_ready(self) -> bool:
+        """True on a leader that has applied the no-op of its term: only then may it change
+        membership (Raft's rule against a change racing one from an earlier term)."""
+        noop = self._node._SyncObj__noopIDx
+        applied = self._node._SyncObj__raftLastApplied
+        return bool(self.is_leader and noop is not None and applied >= noop)
+
+    def change_pending(self) -> bool:
+        """True while this node's log holds a membership entry it has not applied yet."""
+        applied = self._node._SyncObj__raftLastApplied
+        return bool(self.journal.last_change_index > applied)
+
+    def change_members(self, kind: str, address: str, timeout: float) -> asyncio.Future[None]:
+        """Append one membership change on the leader; resolves once it is committed.
+
+        ``kind`` is :data:`~raftchan.membership.ADD` or :data:`~raftchan.membership.REMOVE`.
+        Fails with :class:`MembershipChangeInProgress` (an earlier change not applied yet,
+        or this leader's first entry not yet committed), :class:`MemberExists` or
+        :class:`MemberNotFound` (checked again by pysyncobj at the append), all of which
+        change nothing; with :class:`NotLeader`/:class:`NoLeader` when it was not appended;
+        and with :class:`CommitUnknown` when it may still commit (leader changed, or no
+        answer within ``timeout`` seconds).
+        """
+        future: asyncio.Future[None] = self._loop.create_future()
+
+        def settle(error: RaftchanError | None) -> None:
+            if future.done():
+                return
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+        def on_done(result: Any, reason: int) -> None:  # runs in pysyncobj's thread
+            if reason == FAIL_REASON.SUCCESS:
+                error = None
+            elif reason == FAIL_REASON.REQUEST_DENIED:
+                error = self._refusal(kind, address, self._node.raftchan_refusal)
+            else:
+                error = self._failure(reason)
+            self._call_in_loop(settle, error)
+
+        if kind == membership.ADD:
+            self._node.addNodeToCluster(address, callback=on_done)
+        else:
+            self._node.removeNodeFromCluster(address, callback=on_done)
+        self._loop.call_later(
+            timeout,
+            settle,
+            CommitUnknown(f"membership change not confirmed within {timeout:.1f} s"),
+        )
+        return future
+
+    @staticmethod
+    def _refusal(kind: str, address: str, why: str | None) -> RaftchanError:
+        if why == "in_progress":
+            return MembershipChangeInProgress(
+                "an earlier membership change is not committed yet; nothing changed"
+            )
+        if why == "leader_not_ready":
+            return MembershipChangeInProgress(
+                "the new leader has not committed an entry of its term yet; nothing changed"
+            )
+        if kind == membership.ADD:
+            return MemberExists(f"{address} is already a member of the cluster", address=address)
+        if why == "no_change":
+            return MemberNotFound(f"{address} is not a member (or is the leader itself)")
+        return MembershipError(f"membership change refused: {why}")
 
     def set_blocked_peers(self, peers: set[str]) -> None:
         """Drop all Raft messages to these peers (fault injection for the test harness)."""

@@ -46,6 +46,7 @@ __all__ = [
     "fsync_directory",
     "read_snapshot",
     "read_snapshot_anchor",
+    "read_snapshot_meta",
     "write_snapshot",
 ]
 
@@ -241,6 +242,19 @@ def read_snapshot(path: str | os.PathLike[str]) -> Snapshot:
     Entries come back as ``(bytes, int, int)`` tuples.
     """
     return _read(path, load_state=True)
+
+
+def read_snapshot_meta(path: str | os.PathLike[str]) -> Snapshot | None:
+    """The snapshot at ``path`` without its state blob (``state`` is ``b""``); None if
+    there is no file.
+
+    The whole file is verified as by :func:`read_snapshot` (the state in chunks), and
+    :class:`SnapshotCorrupt` is raised if it is damaged.
+    """
+    try:
+        return _read(path, load_state=False)
+    except FileNotFoundError:
+        return None
 
 
 def read_snapshot_anchor(path: str | os.PathLike[str]) -> Entry | None:
