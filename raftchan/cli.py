@@ -729,6 +729,88 @@ def status(address: str | None, as_json: bool) -> None:
         sys.exit(1)
 
 
+@cli.group()
+def member() -> None:
+    """List, add and remove the cluster's members (one change at a time, via the leader).
+
+    To add a node: start it with an empty --data-dir and --peers listing the current
+    members' Raft addresses (``raftchan member list``), then ``raftchan member add``.
+    To remove one: ``raftchan member remove``, then stop it and delete its data folder.
+    """
+
+
+_MEMBER_TIMEOUT = 120.0
+
+
+@member.command("list")
+@_address_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def member_list(address: str | None, as_json: bool) -> None:
+    """Show every member's Raft address, name and client address, as the leader has them."""
+    with _connected(address) as client:
+        answer = client.members()
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return
+    rows = [("RAFT ADDRESS", "NAME", "CLIENT ADDRESS")]
+    leader = answer.get("leader")
+    for entry in answer.get("members", []):
+        raft = entry.get("raft_address") or "-"
+        rows.append(
+            (
+                raft + (" (leader)" if raft == leader else ""),
+                entry.get("name") or "-",
+                entry.get("client_address") or "-",
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if answer.get("change_pending"):
+        click.echo("a membership change is not committed yet")
+
+
+@member.command("add")
+@_address_option
+@click.argument("raft_address")
+@click.option(
+    "--client-address", required=True, metavar="HOST:PORT", help="The new node's client listener."
+)
+@click.option("--name", help="The new node's name [default: its Raft address].")
+@click.option(
+    "--timeout", type=float, default=_MEMBER_TIMEOUT, show_default=True, help="Seconds to wait."
+)
+def member_add(
+    address: str | None, raft_address: str, client_address: str, name: str | None, timeout: float
+) -> None:
+    """Add the node whose Raft port is RAFT_ADDRESS; returns once the change is committed.
+
+    Fails (exit 1, nothing changed) if it already is a member or another change is in
+    flight. On a timeout the change may still commit: check with ``raftchan member list``.
+    """
+    with _connected(address) as client:
+        members = client.add_member(raft_address, client_address, name, timeout=timeout)
+    click.echo(f"added {raft_address}; members: {','.join(members)}")
+
+
+@member.command("remove")
+@_address_option
+@click.argument("raft_address")
+@click.option(
+    "--timeout", type=float, default=_MEMBER_TIMEOUT, show_default=True, help="Seconds to wait."
+)
+def member_remove(address: str | None, raft_address: str, timeout: float) -> None:
+    """Remove the node whose Raft port is RAFT_ADDRESS; returns once the change is committed.
+
+    Fails (exit 1, nothing changed) if it is not a member, is the leader (stop that node
+    first: another member takes over), would leave a single member, or another change is
+    in flight. Stop the removed node afterwards; its data folder cannot rejoin.
+    """
+    with _connected(address) as client:
+        members = client.remove_member(raft_address, timeout=timeout)
+    click.echo(f"removed {raft_address}; members: {','.join(members)}")
+
+
 def leader_of(nodes: Sequence[Mapping[str, Any]]) -> str | None:
     """The leader's client address: the node claiming leadership in the highest term,
     else the leader most reachable nodes name (the leader may not be among the nodes

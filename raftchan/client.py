@@ -46,6 +46,8 @@ from raftchan.errors import (
     CommitUnknown,
     DaskUnavailable,
     FutureLost,
+    MemberExists,
+    MemberNotFound,
     NodeNotTrusted,
     NoLeader,
     NotLeader,
@@ -943,6 +945,57 @@ class AsyncClient:
         self._check_open()
         limit = self.retry.attempt_timeout if timeout is None else timeout
         return list(await asyncio.gather(*(self._status_of(a, limit) for a in self.addresses)))
+
+    async def members(self, timeout: float | None = None) -> dict[str, Any]:
+        """The cluster's membership as the leader has it (a linearizable read).
+
+        Returns ``{"members": [{"raft_address", "name", "client_address"}, ...],
+        "leader": raft address, "change_pending": bool}``; name and client address are
+        ``None`` for a member that has not registered them yet. ``timeout`` (default: the
+        client's) bounds the whole call, retries included; raises Timeout after it.
+        """
+        self._check_open()
+        return await self._call(protocol.MemberList(0), self._deadline(timeout))
+
+    async def add_member(
+        self,
+        raft_address: str,
+        client_address: str,
+        name: str | None = None,
+        timeout: float | None = None,
+    ) -> list[str]:
+        """Add the node whose Raft port is ``raft_address``; returns the new member list.
+
+        Start the node first, with an empty data folder and ``--peers`` listing the
+        current members. Returns once the change is committed. ``client_address`` and
+        ``name`` (default: the Raft address) are recorded so that clients can be pointed
+        at the node. Raises :class:`~raftchan.errors.MemberExists` if it already is a
+        member (also when an earlier attempt of this call, whose answer was lost, added
+        it: then it returns normally instead), :class:`~raftchan.errors.MembershipChangeInProgress`
+        while another change is not committed, and Timeout when ``timeout`` passes (the
+        change may still commit: check with :meth:`members`).
+        """
+        self._check_open()
+        request = protocol.MemberAdd(0, raft_address, client_address, name or raft_address)
+        deadline = self._deadline(timeout)
+        response = await self._call(request, deadline, ambiguous_ok=MemberExists)
+        return list(response.get("members") or (await self.members(timeout))["members"])
+
+    async def remove_member(self, raft_address: str, timeout: float | None = None) -> list[str]:
+        """Remove the node whose Raft port is ``raft_address``; returns the new member list.
+
+        Returns once the change is committed; stop the removed node afterwards. Raises
+        :class:`~raftchan.errors.MemberNotFound` if it is not a member (unless an earlier
+        attempt of this call removed it), :class:`~raftchan.errors.MembershipError` if the
+        removal would leave one member or names the leader,
+        :class:`~raftchan.errors.MembershipChangeInProgress` while another change is not
+        committed, and Timeout when ``timeout`` passes (the change may still commit).
+        """
+        self._check_open()
+        request = protocol.MemberRemove(0, raft_address)
+        deadline = self._deadline(timeout)
+        response = await self._call(request, deadline, ambiguous_ok=MemberNotFound)
+        return list(response.get("members") or (await self.members(timeout))["members"])
 
     async def close(self, timeout: float = 5.0) -> None:
         """Flush (best effort, up to ``timeout`` seconds), end the session, disconnect.

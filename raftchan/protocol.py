@@ -41,13 +41,17 @@ stop            channel                                     ChannelInfo fields
 delete          channel                                     (none)
 end_session     session                                     (none)
 status          (none)                                      NodeStatus fields
+member_list     (none)                                      members, leader, change_pending
+member_add      address, client_address, name               members
+member_remove   address                                     members
 ==============  ==========================================  ===============================
 
 ``open``, ``append``, ``info``, ``read``, ``stop``, ``delete`` and ``end_session`` are
 served by the leader only (others answer ``not_leader`` with the leader's client address
-when known). ``info`` and ``read`` are linearizable. ``poll`` and ``status`` are served by
-any node; ``poll`` waits until the node has applied at least ``min_position`` so that a
-reader moving between nodes never goes back.
+when known), as are the ``member_*`` requests. ``info``, ``read`` and ``member_list`` are
+linearizable; ``member_add`` and ``member_remove`` answer once the change is committed.
+``poll`` and ``status`` are served by any node; ``poll`` waits until the node has applied
+at least ``min_position`` so that a reader moving between nodes never goes back.
 """
 
 from __future__ import annotations
@@ -312,10 +316,56 @@ class Fault(Request):
     block: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class MemberList(Request):
+    """The cluster's members (Raft address, name, client address), as the leader has them."""
+
+    TYPE: ClassVar[str] = "member_list"
+
+
+@dataclass(frozen=True)
+class MemberAdd(Request):
+    """Add the node with Raft address ``address`` to the cluster (one node at a time).
+
+    ``client_address`` and ``name`` are recorded for it at once, so that every node can
+    point clients at it should it lead before it has registered itself.
+    """
+
+    TYPE: ClassVar[str] = "member_add"
+    address: str = ""
+    client_address: str = ""
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class MemberRemove(Request):
+    """Remove the node with Raft address ``address`` from the cluster."""
+
+    TYPE: ClassVar[str] = "member_remove"
+    address: str = ""
+
+
 REQUEST_TYPES: dict[str, type[Request]] = {
     cls.TYPE: cls
-    for cls in (Open, Append, Info, Read, Poll, Stop, Delete, EndSession, Status, Fault)
+    for cls in (
+        Open,
+        Append,
+        Info,
+        Read,
+        Poll,
+        Stop,
+        Delete,
+        EndSession,
+        Status,
+        Fault,
+        MemberList,
+        MemberAdd,
+        MemberRemove,
+    )
 }
+
+#: The longest address or node name a membership request may carry.
+MAX_MEMBER_FIELD = 256
 
 # Which python types each field accepts on the wire (bool is excluded from int on purpose).
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -330,6 +380,9 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "wait": (int, float),
     "block": (list,),
     "keys": (list, type(None)),
+    "address": (str,),
+    "client_address": (str,),
+    "name": (str,),
 }
 #: Fields a request may leave out; they then take their dataclass default.
 _OPTIONAL_FIELDS = frozenset({("append", "keys")})
@@ -397,6 +450,12 @@ def parse_request(message: dict[str, Any], limits: Any = DEFAULT_LIMITS) -> Requ
         raise RequestInvalid("seq must be at least 1: a session numbers from 1", id=request_id)
     if any(not isinstance(peer, str) for peer in values.get("block", ())):
         raise RequestInvalid("fault: 'block' must list Raft addresses as strings", id=request_id)
+    for name in ("address", "client_address", "name"):
+        if name in values and not 0 < len(values[name]) <= MAX_MEMBER_FIELD:
+            raise RequestInvalid(
+                f"{kind}: field {name!r} must have 1 to {MAX_MEMBER_FIELD} characters",
+                id=request_id,
+            )
     if values.get("maxlen") == 0:
         raise RequestInvalid("maxlen must be at least 1 (or nil for unbounded)", id=request_id)
     if "wait" in values:

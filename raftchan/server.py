@@ -16,12 +16,13 @@ import logging
 import signal
 from typing import Any
 
-from raftchan import protocol
+from raftchan import membership, protocol
 from raftchan.committer import Committer
-from raftchan.config import NodeConfig, split_address
+from raftchan.config import ConfigError, NodeConfig, split_address
 from raftchan.errors import (
     ChannelNotFound,
     CommitUnknown,
+    MembershipChangeInProgress,
     NoLeader,
     NotLeader,
     ProtocolError,
@@ -40,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 #: How often a node checks that the replicated state knows its client address.
 REGISTER_INTERVAL = 1.0
+#: How long a membership request waits for a change still in flight (or for a new
+#: leader's first commit) to settle before it is refused as MembershipChangeInProgress.
+MEMBER_SETTLE_WAIT = 5.0
 #: How long a Dask key unknown to the scheduler is waited for before it counts as lost.
 CONFIRM_WAIT = 3.0
 #: How often a request held during an election checks whether a leader emerged (seconds).
@@ -77,6 +81,10 @@ class NodeServer:
             self.replica.submit, lambda: self.committer.ops_submitted
         )
         self.committer = Committer(submit, self.limits, commit_timeout=commit_timeout)
+        #: Bounds the wait for a membership change's commit (then: CommitUnknown).
+        self._member_timeout = 2 * commit_timeout
+        #: The membership change this leader is running, and its task.
+        self._member_change: tuple[tuple[str, str], asyncio.Future[None]] | None = None
         self.http: HttpEndpoint | None = None
         if config.http_address is not None:
             self.http = HttpEndpoint(
@@ -220,6 +228,83 @@ class NodeServer:
         if released and self.keeper is not None:
             self.keeper.release(channel, released)
 
+    async def _change_members(self, request: protocol.Request) -> dict[str, Any]:
+        """Serve member_add / member_remove on the leader; answers once committed.
+
+        The same change asked again while it is in flight (a client retrying after a lost
+        answer) waits for it; any other change meanwhile is MembershipChangeInProgress.
+        """
+        if isinstance(request, protocol.MemberAdd):
+            kind, address = membership.ADD, request.address
+        else:
+            assert isinstance(request, protocol.MemberRemove)
+            kind, address = membership.REMOVE, request.address
+        for given in (address, getattr(request, "client_address", address)):
+            try:
+                split_address(given)
+            except ConfigError as exc:
+                raise RequestInvalid(str(exc)) from None
+        if self._member_change is not None:
+            (running, future) = self._member_change
+            if running != (kind, address):
+                raise MembershipChangeInProgress(
+                    f"a change ({running[0]} {running[1]}) is in flight; nothing changed"
+                )
+            await asyncio.shield(future)
+            return {"members": self.replica.members()}
+        await self._settle_membership()
+        members = self.replica.members()
+        if kind == membership.ADD:
+            membership.check_add(members, address)
+        else:
+            membership.check_remove(members, address, self.config.peer_address)
+        future = asyncio.ensure_future(self._run_member_change(request, kind, address))
+        self._member_change = ((kind, address), future)
+        future.add_done_callback(lambda _: setattr(self, "_member_change", None))
+        await asyncio.shield(future)
+        return {"members": self.replica.members()}
+
+    async def _run_member_change(self, request: protocol.Request, kind: str, address: str) -> None:
+        if isinstance(request, protocol.MemberAdd):
+            # Record the new node's client address first, so that every node can point
+            # clients at it as soon as it may lead.
+            await self._commit(["node", request.name, address, request.client_address])
+        logger.info("membership change: %s %s", kind, address)
+        await self.replica.change_members(kind, address, self._member_timeout)
+        logger.info("membership change committed: %s %s", kind, address)
+
+    async def _settle_membership(self) -> None:
+        """Wait up to MEMBER_SETTLE_WAIT for this leader to be able to change membership."""
+        deadline = self._loop.time() + MEMBER_SETTLE_WAIT
+        while self.replica.change_pending() or not self.replica.leader_ready():
+            if self._loop.time() >= deadline:
+                what = (
+                    "an earlier membership change is not committed yet"
+                    if self.replica.change_pending()
+                    else "this leader has not committed an entry of its term yet"
+                )
+                raise MembershipChangeInProgress(f"{what}; nothing changed")
+            self._require_leader()
+            await asyncio.sleep(0.05)
+
+    async def _member_list(self) -> dict[str, Any]:
+        await self._barrier()
+        members = self.replica.members()
+        with self.replica.lock:
+            records = {address: self.replica.state.nodes.get(address) for address in members}
+        return {
+            "members": [
+                {
+                    "raft_address": address,
+                    "name": None if record is None else record.name,
+                    "client_address": None if record is None else record.client_address,
+                }
+                for address, record in records.items()
+            ],
+            "leader": self.config.peer_address,
+            "change_pending": self.replica.change_pending(),
+        }
+
     async def _register_loop(self) -> None:
         """Make sure the replicated state maps this node's Raft address to its client address.
 
@@ -230,7 +315,11 @@ class NodeServer:
             await asyncio.sleep(REGISTER_INTERVAL)
             with self.replica.lock:
                 record = self.replica.state.nodes.get(self.config.peer_address)
-            if record is not None and record.client_address == self.config.client_address:
+            if (
+                record is not None
+                and record.client_address == self.config.client_address
+                and record.name == self.config.name
+            ):
                 continue
             if self.replica.leader_raft_address() is None:
                 continue
@@ -373,6 +462,10 @@ class NodeServer:
                     )
                 info = self.replica.state.info(request.channel)
             return protocol.ok_response(rid, **info)
+        if isinstance(request, protocol.MemberList):
+            return protocol.ok_response(rid, **await self._member_list())
+        if isinstance(request, (protocol.MemberAdd, protocol.MemberRemove)):
+            return protocol.ok_response(rid, **await self._change_members(request))
         if isinstance(request, protocol.Read):
             await self._barrier()
             return protocol.ok_response(

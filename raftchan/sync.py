@@ -122,6 +122,24 @@ class Client:
         """Every known node's status; see :meth:`AsyncClient.status`."""
         return self._run(self._async.status(timeout))
 
+    def members(self, timeout: float | None = None) -> dict[str, Any]:
+        """The cluster's membership as the leader has it; see :meth:`AsyncClient.members`."""
+        return self._run(self._async.members(timeout))
+
+    def add_member(
+        self,
+        raft_address: str,
+        client_address: str,
+        name: str | None = None,
+        timeout: float | None = None,
+    ) -> list[str]:
+        """Add a node, once committed; see :meth:`AsyncClient.add_member` (and its errors)."""
+        return self._run(self._async.add_member(raft_address, client_address, name, timeout))
+
+    def remove_member(self, raft_address: str, timeout: float | None = None) -> list[str]:
+        """Remove a node, once committed; see :meth:`AsyncClient.remove_member`."""
+        return self._run(self._async.remove_member(raft_address, timeout))
+
     def close(self, timeout: float = 5.0) -> None:
         """Flush (best effort, ``timeout`` seconds), end the session, stop the loop thread.
 

@@ -32,6 +32,9 @@ from raftchan.protocol import (
     Fault,
     FrameDecoder,
     Info,
+    MemberAdd,
+    MemberList,
+    MemberRemove,
     Open,
     Poll,
     Read,
@@ -246,6 +249,9 @@ EXAMPLES: list[Request] = [
     EndSession(id=11, session=SID),
     Status(id=0),
     Fault(id=12, block=["127.0.0.1:7201"]),
+    MemberList(id=13),
+    MemberAdd(id=14, address="127.0.0.1:7204", client_address="127.0.0.1:7104", name="n4"),
+    MemberRemove(id=15, address="127.0.0.1:7201"),
 ]
 
 
@@ -363,6 +369,11 @@ BAD_FIELDS: list[tuple[str, str, Any]] = [
     ("append", "items", []),
     ("append", "items", [b"x", "y"]),
     ("append", "items", [b"x", None]),
+    ("member_add", "address", 7204),
+    ("member_add", "address", ""),
+    ("member_add", "client_address", "x" * 257),
+    ("member_add", "name", None),
+    ("member_remove", "address", b"127.0.0.1:7201"),
 ]
 
 
