@@ -196,17 +196,19 @@ def _stop_all(
 
 
 def contents_of_every_node(
-    cluster: LocalCluster, channels: Sequence[str]
+    cluster: LocalCluster, channels: Sequence[str], nodes: Sequence[int] | None = None
 ) -> dict[str, dict[str, list[Any]]]:
     """Each node's own copy of each channel, once it has applied all the leader has.
 
     A poll is answered from the node's local state, so asking each node directly (with
     the leader's position as the minimum) reads that node's replica, not the leader's.
+    ``nodes`` (indexes) limits the question to those nodes; the default is every node.
     """
     leader_position = max(status.get("position", 0) for status in cluster.status())
     codec = ItemCodec()
     contents: dict[str, dict[str, list[Any]]] = {}
-    for name, address in zip(cluster.names, cluster.client_addresses, strict=True):
+    for i in range(cluster.size) if nodes is None else nodes:
+        name, address = cluster.names[i], cluster.client_addresses[i]
         contents[name] = {}
         for channel in channels:
             items = _poll_all(address, channel, leader_position)

@@ -160,12 +160,18 @@ class LocalCluster:
             for i in range(n)
         ]
         self.fault_injection = fault_injection
+        self._tuning = tuning
+        self._extra_args = list(extra_args)
+        self._log_level = log_level
+        #: Nodes removed from the cluster for good: never started again (see retire()).
+        self.retired: set[int] = set()
         self._closed = False
         self._cuts: dict[int, set[int]] = {}
         if fault_injection:
             extra_args = [*extra_args, "--fault-injection"]
         node_env = _node_environment()
         node_env.update(env or {})
+        self._env = node_env
         self.nodes = [
             NodeProcess(
                 spec,
@@ -216,7 +222,9 @@ class LocalCluster:
         otherwise whatever listens there (another cluster, say) could answer for them.
         """
         self._check_not_closed()
-        stopped = [i for i, node in enumerate(self.nodes) if not node.running]
+        stopped = [
+            i for i, node in enumerate(self.nodes) if not node.running and i not in self.retired
+        ]
         for i in stopped:
             self._check_ports_free(i)
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -310,7 +318,7 @@ class LocalCluster:
         return closed
 
     def _leader_index(self, statuses: Sequence[Mapping[str, Any]]) -> int | None:
-        address = agreed_leader(statuses, self.size)
+        address = agreed_leader(statuses, self.size - len(self.retired))
         if address is None:
             return None
         if address in self.client_addresses:
@@ -373,6 +381,42 @@ class LocalCluster:
         self._stopped.discard(i)
         if self._cuts.get(i):
             self._apply_cuts([i], timeout)  # a partition outlives a restart
+
+    def add_node(self, peers: Sequence[int] | None = None) -> int:
+        """Start one more node (named n<size+1>) on free ports with an empty data folder;
+        returns its index. It joins nothing by itself: add it with ``raftchan member add``
+        (:meth:`raftchan.Client.add_member`), using its :attr:`raft_addresses` entry.
+
+        ``peers`` are the indexes of the members it is told of (``--peers``); the default
+        is every node not retired. Does not wait for readiness.
+        """
+        self._check_not_closed()
+        i = self.size
+        name = f"n{i + 1}"
+        client_port, raft_port = free_ports(2, self.host)
+        spec = NodeSpec(
+            name=name,
+            client_address=_join(self.host, client_port),
+            raft_address=_join(self.host, raft_port),
+            data_dir=self.base_dir / name,
+            log_path=self.base_dir / f"{name}.log",
+        )
+        members = [j for j in range(self.size) if j not in self.retired] if peers is None else peers
+        known = [self.nodes[j].spec for j in members]
+        command = _node_command(
+            spec, [*known, spec], self._tuning, self._extra_args, self._log_level
+        )
+        self.nodes.append(NodeProcess(spec, command, dict(self._env)))
+        self._stopped.add(i)
+        self.restart(i)
+        return i
+
+    def retire(self, i: int, timeout: float = 10.0) -> None:
+        """Stop node ``i`` for good (SIGTERM, then SIGKILL after ``timeout``): a node removed
+        from the cluster. :meth:`start`, :meth:`restart_all` and waits for a majority leave
+        it out from then on."""
+        self.retired.add(i)
+        self.terminate(i, timeout)
 
     def kill_all(self, timeout: float = 10.0) -> None:
         """SIGKILL every node at the same moment (a whole-cluster crash), then reap them.
@@ -510,6 +554,7 @@ class LocalCluster:
                 continue  # told again when it restarts; a paused node gets it on resume
             block = [self.nodes[j].spec.raft_address for j in sorted(self._cuts.get(i, ()))]
             send_fault(node.spec.client_address, block, timeout)
+
 
 def _join(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
