@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -25,7 +26,18 @@ from pathlib import Path
 from typing import Any
 
 from . import report
-from .core import PROFILES, Appender, Config, Skipped, System, paced, say, throughput
+from .core import (
+    PROFILES,
+    Appender,
+    Config,
+    Skipped,
+    System,
+    Unsupported,
+    fanout,
+    paced,
+    say,
+    throughput,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Every system ``--systems`` knows, in the order a run measures them.
@@ -128,6 +140,35 @@ async def _phases(system: System, cfg: Config, result: dict[str, Any]) -> None:
     result["verified"] = stored == acked
     if not result["verified"]:
         say(f"  {system.name}: WARNING stored {stored} items, {acked} were acknowledged")
+    await _fanout_phases(system, cfg, result)
+
+
+async def _fanout_phases(system: System, cfg: Config, result: dict[str, Any]) -> None:
+    size = cfg.item_sizes[0]
+    for n in cfg.fanout_subscribers:
+        say(
+            f"  {system.name}: fan-out, {n} subscriber(s), {cfg.fanout_rate:,.0f} items/s "
+            f"for {cfg.fanout_s:g} s ..."
+        )
+        try:
+            publish, subscriptions = await system.open_fanout(f"fanout{n}", n)
+            figures = await fanout(publish, subscriptions, cfg, size)
+        except Unsupported as exc:
+            result["fanout_unsupported"] = str(exc)
+            say(f"    not measured: {exc}")
+            return
+        except Exception as exc:  # the other phases' figures stand
+            result["fanout"].append({"subscribers": n, "error": f"{type(exc).__name__}: {exc}"})
+            say(f"    ERROR: {result['fanout'][-1]['error']}")
+            continue
+        finally:
+            await system.close_appenders()
+        result["fanout"].append(figures)
+        say(
+            f"    lag p50 {figures['lag_p50_ms']} ms, p99 {figures['lag_p99_ms']} ms; published "
+            f"{figures['publish_items_per_s']:,.0f}/s; every item in order: "
+            f"{figures['every_item_in_order']}"
+        )
 
 
 def run_system(system: System, cfg: Config, workdir: Path) -> dict[str, Any]:
@@ -136,6 +177,7 @@ def run_system(system: System, cfg: Config, workdir: Path) -> dict[str, Any]:
         "guarantees": system.guarantees,
         "throughput": [],
         "paced": [],
+        "fanout": [],
     }
     started = time.monotonic()
     say(f"== {system.name}")
@@ -156,7 +198,14 @@ def run_system(system: System, cfg: Config, workdir: Path) -> dict[str, Any]:
     return result
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # SIGTERM's default ends the process at once; raising instead runs the ``finally``
+    # blocks that stop every server this run started.
+    raise SystemExit(128 + signum)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     cfg = PROFILES["full" if args.full else "quick"]
     if args.client_per_producer:
         cfg = dataclasses.replace(cfg, shared_client=False)
@@ -169,6 +218,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             say(f"--sizes takes item sizes in bytes, at least 8 each: {args.sizes!r}")
             return 2
         cfg = dataclasses.replace(cfg, item_sizes=sizes)
+    if args.subscribers is not None:
+        try:
+            counts = tuple(int(x) for x in args.subscribers.split(",") if x.strip())
+        except ValueError:
+            counts = (-1,)
+        if any(n < 1 for n in counts):
+            say(f"--subscribers takes subscriber counts, at least 1 each: {args.subscribers!r}")
+            return 2
+        cfg = dataclasses.replace(cfg, fanout_subscribers=counts)
+    if args.fanout_rate is not None:
+        if args.fanout_rate < cfg.fanout_batch:
+            say(f"--fanout-rate must be at least {cfg.fanout_batch} items/s")
+            return 2
+        cfg = dataclasses.replace(cfg, fanout_rate=args.fanout_rate)
     available = _systems()
     names = [n.strip() for n in args.systems.split(",") if n.strip()]
     unknown = [n for n in names if n not in available]
@@ -204,7 +267,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     say(f"wrote {json_path} and {md_path.name}")
     print(table)
     failed = any(
-        s.get("error") or (not s.get("skipped") and not s.get("verified")) for s in run["systems"]
+        s.get("error")
+        or (not s.get("skipped") and not s.get("verified"))
+        or any("error" in f for f in s.get("fanout", []))
+        for s in run["systems"]
     )
     return 1 if failed else 0
 
@@ -223,6 +289,16 @@ def main(argv: list[str] | None = None) -> int:
         "--sizes",
         help="item sizes in bytes, comma-separated (default: 16 with --quick, "
         "16,256,4096 with --full)",
+    )
+    run.add_argument(
+        "--subscribers",
+        help="fan-out subscriber counts, comma-separated (default 1,10,50; empty: no fan-out)",
+    )
+    run.add_argument(
+        "--fanout-rate",
+        type=float,
+        help="items/s the fan-out producer appends (default 1,000 with --quick, 10,000 "
+        "with --full)",
     )
     run.add_argument("--out", help="folder for the JSON and Markdown (benchmarks/results)")
     run.add_argument(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import importlib.metadata
 import math
@@ -20,13 +21,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 #: One acknowledged append of one item.
 Appender = Callable[[bytes], Awaitable[None]]
+#: Appends several items in this order; returns once every one is acknowledged.
+Publisher = Callable[[list[bytes]], Awaitable[None]]
 
 #: Appends each producer makes before a timed phase (connecting, finding the leader).
 WARMUP_APPENDS = 5
@@ -55,27 +58,28 @@ class Config:
     throughput_s: float
     #: ... or after this many acknowledged appends in all, whichever comes first.
     throughput_max_items: int
-    #: Paced single-producer latency: this many appends, one every ``paced_interval_s``.
+    #: Paced single-producer latency: this many appends, one every ``paced_interval_s``,
+    #: for at most ``paced_max_s`` seconds (pysyncobj with batching takes 0.1 s an append).
     paced_items: int
     paced_interval_s: float
+    paced_max_s: float
     #: Seconds one append may take before the phase is declared failed.
     op_timeout_s: float = 30.0
     #: True: all producers share one client (connection) of the system, as coroutines,
     #: each with one append in flight. False: one client per producer (not for Dask).
     shared_client: bool = True
+    #: Fan-out: for each count, that many subscribers follow one new channel from its
+    #: start while one producer appends ``fanout_rate`` items/s for ``fanout_s`` seconds,
+    #: in batches of ``fanout_batch`` (one acknowledgement each) ...
+    fanout_subscribers: tuple[int, ...] = (1, 10, 50)
+    fanout_rate: float = 1000.0
+    fanout_s: float = 2.0
+    fanout_batch: int = 10
+    #: ... after which the subscribers have this long to see the last item.
+    fanout_drain_s: float = 10.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "profile": self.profile,
-            "producers": list(self.producers),
-            "item_sizes": list(self.item_sizes),
-            "throughput_s": self.throughput_s,
-            "throughput_max_items": self.throughput_max_items,
-            "paced_items": self.paced_items,
-            "paced_interval_s": self.paced_interval_s,
-            "op_timeout_s": self.op_timeout_s,
-            "shared_client": self.shared_client,
-        }
+        return dataclasses.asdict(self)
 
 
 PROFILES = {
@@ -83,10 +87,14 @@ PROFILES = {
         profile="quick",
         producers=(1, 8, 64),
         item_sizes=(16,),
-        throughput_s=3.0,
+        throughput_s=1.5,
         throughput_max_items=300_000,
-        paced_items=200,
+        paced_items=100,
         paced_interval_s=0.01,
+        paced_max_s=3.0,
+        fanout_rate=1000.0,
+        fanout_s=1.0,
+        fanout_batch=10,
     ),
     "full": Config(
         profile="full",
@@ -96,18 +104,29 @@ PROFILES = {
         throughput_max_items=2_000_000,
         paced_items=1_000,
         paced_interval_s=0.005,
+        paced_max_s=20.0,
+        fanout_rate=10_000.0,
+        fanout_s=3.0,
+        fanout_batch=100,
     ),
 }
 
 
+class Unsupported(Exception):
+    """The system cannot run this workload; the message says why."""
+
+
 class System:
     """One system under test. Subclasses fill in the methods; the runner calls them as
-    ``start()``, then ``open_appenders``/``close_appenders`` once per phase, then
-    ``count()`` and ``stop()`` (always, in a ``finally``)."""
+    ``start()``, then ``open_appenders``/``close_appenders`` once per phase (and
+    ``open_fanout``/``close_appenders`` once per fan-out phase), then ``count()`` and
+    ``stop()`` (always, in a ``finally``)."""
 
     name = "?"
     #: What an acknowledged append means for this system (replication, durability).
     guarantees = ""
+    #: Why the fan-out workload is not measured on this system (if it is not).
+    no_fanout = "fan-out is not implemented for this system"
 
     def start(self, workdir: Path) -> None:
         raise NotImplementedError
@@ -117,6 +136,14 @@ class System:
 
     async def close_appenders(self) -> None:
         raise NotImplementedError
+
+    async def open_fanout(
+        self, topic: str, subscribers: int
+    ) -> tuple[Publisher, list[AsyncIterator[bytes]]]:
+        """A publisher to a new channel/stream named after ``topic`` and ``subscribers``
+        iterators that each follow it from its first item (each with its own connection,
+        as separate readers would have). Closed by :meth:`close_appenders`."""
+        raise Unsupported(self.no_fanout)
 
     async def count(self) -> int | None:
         """Items the system holds after the run (``None``: cannot tell)."""
@@ -253,7 +280,7 @@ async def paced(append: Appender, cfg: Config, item_bytes: int) -> dict[str, Any
     payload = b"x" * item_bytes
     await _warm(append, payload)
     latencies: list[float] = []
-    deadline = time.perf_counter() + cfg.paced_items * cfg.paced_interval_s + PHASE_GRACE_S
+    deadline = time.perf_counter() + cfg.paced_max_s
     next_at = time.perf_counter()
     for _ in range(cfg.paced_items):
         now = time.perf_counter()
@@ -270,6 +297,159 @@ async def paced(append: Appender, cfg: Config, item_bytes: int) -> dict[str, Any
         "items": len(latencies),
         "interval_ms": cfg.paced_interval_s * 1000.0,
         **latency_summary(latencies),
+    }
+
+
+#: Sequence number of the marker item a fan-out phase starts with (not a measured item).
+FANOUT_MARK = 2**63 - 1
+#: ... and of the marker it ends with, once the measured items are in (or given up on).
+FANOUT_END = 2**63 - 2
+#: Seconds the subscribers of a fan-out phase may take to see the first marker, and the
+#: end marker.
+FANOUT_READY_S = 30.0
+FANOUT_END_S = 5.0
+#: A fan-out producer that falls behind its pace stops after this many times the planned
+#: duration, so that a slow system cannot stretch the run.
+FANOUT_OVERRUN = 2.0
+
+
+def fanout_item(seq: int, size: int) -> bytes:
+    """A fan-out item: its sequence number (8 bytes, big-endian), padded to ``size``."""
+    return seq.to_bytes(8, "big") + b"x" * max(0, size - 8)
+
+
+def fanout_seq(item: bytes) -> int:
+    return int.from_bytes(item[:8], "big")
+
+
+async def fanout(
+    publish: Publisher, subscriptions: list[AsyncIterator[bytes]], cfg: Config, item_bytes: int
+) -> dict[str, Any]:
+    """One producer publishes ``cfg.fanout_rate`` items/s (batches of ``cfg.fanout_batch``,
+    each awaited before the next) while every subscriber follows the channel. Delivery lag
+    of an item to a subscriber: from the moment its batch was acknowledged to the moment the
+    subscriber got it (0 if it got it before the acknowledgement came back).
+
+    Bounded in time: a producer that cannot keep the pace stops after
+    ``FANOUT_OVERRUN * cfg.fanout_s`` (the items it published are the phase's items), and
+    the subscribers have ``cfg.fanout_drain_s`` after that to see the last one."""
+    clock = time.perf_counter
+    planned = max(cfg.fanout_batch, int(cfg.fanout_rate * cfg.fanout_s))
+    planned -= planned % cfg.fanout_batch
+    seen: list[tuple[list[int], list[float]]] = [([], []) for _ in subscriptions]
+    ready = [asyncio.Event() for _ in subscriptions]
+
+    async def follow(k: int, subscription: AsyncIterator[bytes]) -> None:
+        seqs, times = seen[k]
+        async for item in subscription:
+            t = clock()
+            seq = fanout_seq(item)
+            if seq == FANOUT_MARK:
+                ready[k].set()
+                continue
+            if seq == FANOUT_END:
+                return
+            seqs.append(seq)
+            times.append(t)
+
+    tasks = [asyncio.create_task(follow(k, s)) for k, s in enumerate(subscriptions)]
+    try:
+        # The marker: every subscriber is connected and following before the clock starts.
+        await asyncio.wait_for(publish([FANOUT_MARK.to_bytes(8, "big")]), cfg.op_timeout_s)
+        await asyncio.wait_for(
+            asyncio.gather(*(e.wait() for e in ready)), FANOUT_READY_S + cfg.op_timeout_s
+        )
+        acked_at: list[float] = []
+        sent_at: list[float] = []
+        batch_latencies: list[float] = []
+        interval = cfg.fanout_batch / cfg.fanout_rate
+        started = next_at = clock()
+        stop_at = started + FANOUT_OVERRUN * cfg.fanout_s
+        for first in range(0, planned, cfg.fanout_batch):
+            now = clock()
+            if now >= stop_at:
+                break
+            if next_at > now:
+                await asyncio.sleep(next_at - now)
+            begin = clock()
+            items = [fanout_item(seq, item_bytes) for seq in range(first, first + cfg.fanout_batch)]
+            await asyncio.wait_for(publish(items), cfg.op_timeout_s)
+            end = clock()
+            batch_latencies.append(end - begin)
+            acked_at += [end] * cfg.fanout_batch
+            sent_at += [begin] * cfg.fanout_batch
+            # A fixed schedule: a late batch does not push back the ones after it.
+            next_at = started + (first // cfg.fanout_batch + 1) * interval
+        published = clock()
+        total = len(acked_at)
+        while clock() < published + cfg.fanout_drain_s:
+            if all(len(seqs) >= total for seqs, _ in seen):
+                break
+            await asyncio.sleep(0.01)
+        drained = clock()
+        # The end marker lets every subscriber leave its iteration between two items:
+        # cancelling a read in the middle is something not every client survives (a
+        # redis-py XREAD BLOCK was seen to hang on it).
+        await asyncio.wait_for(publish([FANOUT_END.to_bytes(8, "big")]), cfg.op_timeout_s)
+        await asyncio.wait(tasks, timeout=FANOUT_END_S)
+    finally:
+        for task in tasks:
+            task.cancel()
+        # Bounded: a read that ignores its cancellation ends when the caller closes the
+        # subscribers' clients.
+        await asyncio.wait(tasks, timeout=FANOUT_END_S)
+    return {
+        "subscribers": len(subscriptions),
+        "item_bytes": item_bytes,
+        "items": total,
+        "items_planned": planned,
+        "rate_target": cfg.fanout_rate,
+        "batch": cfg.fanout_batch,
+        "publish_items_per_s": round(total / (published - started), 1),
+        "publish_p99_ms": latency_summary(batch_latencies)["p99_ms"],
+        **delivery_summary(seen, acked_at, sent_at, started),
+        "drain_s": round(drained - published, 3),
+    }
+
+
+def delivery_summary(
+    seen: Sequence[tuple[Sequence[int], Sequence[float]]],
+    acked_at: Sequence[float],
+    sent_at: Sequence[float],
+    started: float,
+) -> dict[str, Any]:
+    """Lag percentiles over every (subscriber, item) delivery, after the acknowledgement
+    (0 when the subscriber was first) and after the append; whether each subscriber saw
+    every item exactly once and in order; the slowest subscriber's items/s."""
+    total = len(acked_at)
+    lags: list[float] = []
+    end_to_end: list[float] = []
+    early = 0
+    in_order = 0
+    slowest = math.inf
+    for seqs, times in seen:
+        if list(seqs) == list(range(total)):
+            in_order += 1
+        for seq, t in zip(seqs, times, strict=True):
+            after_ack = t - acked_at[seq] if 0 <= seq < total else math.nan
+            if after_ack < 0:
+                early += 1
+            lags.append(max(0.0, after_ack))
+            end_to_end.append(t - sent_at[seq] if 0 <= seq < total else math.nan)
+        if times:
+            slowest = min(slowest, len(times) / max(times[-1] - started, 1e-9))
+    lag = latency_summary(lags)
+    from_append = latency_summary(end_to_end)
+    return {
+        "lag_p50_ms": lag["p50_ms"],
+        "lag_p99_ms": lag["p99_ms"],
+        "lag_max_ms": lag["max_ms"],
+        "append_to_seen_p50_ms": from_append["p50_ms"],
+        "append_to_seen_p99_ms": from_append["p99_ms"],
+        "seen_before_ack": round(early / len(lags), 4) if lags else 0.0,
+        "every_item_in_order": in_order == len(seen),
+        "subscribers_complete": in_order,
+        "slowest_subscriber_items_per_s": round(slowest, 1) if slowest < math.inf else 0.0,
     }
 
 

@@ -23,6 +23,10 @@ class DaskQueue(System):
         "One scheduler process, nothing replicated or written to disk: put returns once "
         "the scheduler holds the item in memory; it is gone if the scheduler dies."
     )
+    no_fanout = (
+        "a distributed.Queue hands each item to one reader, so it cannot fan out "
+        "(Dask's Pub/Sub has no acknowledgement and is not measured)"
+    )
 
     def __init__(self) -> None:
         self.procs: list[Process] = []

@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from cluster.ports import free_ports
 
-from .core import Appender, Process, ServerSystem, Skipped, say, wait_tcp
+from .core import Appender, Process, Publisher, ServerSystem, Skipped, say, wait_tcp
 
 HOST = "127.0.0.1"
 PREFIX = b"/bench/items/"
@@ -121,6 +122,33 @@ class Etcd(ServerSystem):
 
             appenders.append(append)
         return appenders
+
+    async def open_fanout(
+        self, topic: str, subscribers: int
+    ) -> tuple[Publisher, list[AsyncIterator[bytes]]]:
+        assert self.leader_port is not None
+        prefix = b"/bench/fanout/" + topic.encode() + b"/"
+        writer = self._client(self.leader_port)
+        self.clients.append(writer)
+        keys = itertools.count()
+
+        async def publish(items: list[bytes]) -> None:
+            # One transaction of puts: one revision, its events in the order of the puts
+            # (etcd allows 128 operations in a transaction by default).
+            puts = [writer.transactions.put(prefix + b"%016d" % next(keys), i) for i in items]
+            await writer.transaction(compare=[], success=puts, failure=[])
+
+        # Watchers spread over the three members, as readers of a cluster would be.
+        ports = itertools.cycle(self.client_ports)
+        return publish, [self._watch(next(ports), prefix) for _ in range(subscribers)]
+
+    async def _watch(self, port: int, prefix: bytes) -> AsyncIterator[bytes]:
+        """Every put under ``prefix`` from the first revision on, through a watch."""
+        client = self._client(port)
+        self.clients.append(client)
+        events = await client.watch_prefix(prefix, start_revision=1)
+        async for event in events:
+            yield event.kv.value
 
     async def count(self) -> int | None:
         from aetcd import rpc, utils

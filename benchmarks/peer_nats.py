@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from cluster.ports import free_ports
 
-from .core import Appender, Process, ServerSystem, Skipped, say, wait_tcp
+from .core import Appender, Process, Publisher, ServerSystem, Skipped, say, wait_tcp
 
 HOST = "127.0.0.1"
 STREAM = "BENCH"
@@ -105,6 +106,40 @@ class NatsJetStream(ServerSystem):
             appenders.append(append)
         return appenders
 
+    async def open_fanout(
+        self, topic: str, subscribers: int
+    ) -> tuple[Publisher, list[AsyncIterator[bytes]]]:
+        import nats
+        from nats.js.api import StorageType, StreamConfig
+
+        subject = f"fanout.{topic}"
+        nc = await nats.connect(self._urls())
+        self.clients.append(nc)
+        js = nc.jetstream()
+        await js.add_stream(
+            StreamConfig(
+                name=f"FANOUT_{topic}".upper(),
+                subjects=[subject],
+                num_replicas=3,
+                storage=StorageType.FILE,
+            )
+        )
+
+        async def publish(items: list[bytes]) -> None:
+            # publish_async writes each message at once, in this order, and hands back a
+            # future of its PubAck: the batch is acknowledged when every future is.
+            acks = [await js.publish_async(subject, item) for item in items]
+            await asyncio.gather(*acks)
+
+        subs: list[AsyncIterator[bytes]] = []
+        for _ in range(subscribers):
+            reader = await nats.connect(self._urls())
+            self.clients.append(reader)
+            # An ordered push consumer: every message from the stream's first, in order.
+            sub = await reader.jetstream().subscribe(subject, ordered_consumer=True)
+            subs.append(_payloads(sub))
+        return publish, subs
+
     async def count(self) -> int | None:
         import nats
 
@@ -122,3 +157,8 @@ class NatsJetStream(ServerSystem):
             "storage": "file",
             "sync_interval": "server default (2 min)",
         }
+
+
+async def _payloads(sub: Any) -> AsyncIterator[bytes]:
+    async for msg in sub.messages:
+        yield msg.data

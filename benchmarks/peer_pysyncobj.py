@@ -61,6 +61,8 @@ class PlainPysyncobj(System):
         "through mmap without fsync: a killed process keeps the data, an OS crash may not."
     )
 
+    no_fanout = "pysyncobj has no subscriptions (nor has the benchmark's thin server)"
+
     #: False: each command is sent to the followers at once (the option raftchan's replica
     #: sets). True: pysyncobj's default, commands wait for the next 0.1 s send period.
     batch = False

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import raftchan
 from cluster.harness import LocalCluster
 
-from .core import Appender, Skipped, System, say
+from .core import Appender, Publisher, Skipped, System, say
 
 CHANNEL = "bench"
 READY_TIMEOUT_S = 60.0
@@ -59,6 +60,26 @@ class Raftchan(System):
 
             appenders.append(append)
         return appenders
+
+    async def open_fanout(
+        self, topic: str, subscribers: int
+    ) -> tuple[Publisher, list[AsyncIterator[bytes]]]:
+        assert self.cluster is not None
+        client = raftchan.AsyncClient(self.cluster.addresses)
+        self.clients.append(client)
+        chan = await client.channel(topic)
+
+        async def publish(items: list[bytes]) -> None:
+            chan.extend(items)
+            await chan.flush(FLUSH_TIMEOUT_S)
+
+        subs: list[AsyncIterator[bytes]] = []
+        for _ in range(subscribers):
+            # One client per subscriber, as separate reading programs would have.
+            reader = raftchan.AsyncClient(self.cluster.addresses)
+            self.clients.append(reader)
+            subs.append((await reader.channel(topic)).iterate())
+        return publish, subs
 
     async def close_appenders(self) -> None:
         clients, self.clients = self.clients, []

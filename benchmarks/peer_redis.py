@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from cluster.ports import free_ports
 
-from .core import Appender, Process, ServerSystem, Skipped, say, wait_tcp
+from .core import Appender, Process, Publisher, ServerSystem, Skipped, say, wait_tcp
 
 HOST = "127.0.0.1"
 STREAM = "bench"
@@ -122,9 +123,46 @@ class RedisStreams(ServerSystem):
 
     def _appender(self, client: Any) -> Appender:
         async def append(item: bytes) -> None:
-            await client.xadd(STREAM, {"v": item})
+            await self._xadd(client, STREAM, [item])
 
         return append
+
+    async def _xadd(self, client: Any, key: str, items: list[bytes]) -> None:
+        """XADD each item in order, then (replicated) WAIT for the replicas, all in one
+        pipeline: WAIT counts the writes of its own connection."""
+        async with client.pipeline(transaction=False) as pipe:
+            for item in items:
+                pipe.xadd(key, {"v": item})
+            if self.replicas:
+                pipe.wait(self.replicas, WAIT_TIMEOUT_MS)
+            replies = await pipe.execute()
+        if self.replicas and int(replies[-1]) < self.replicas:
+            raise RuntimeError(f"WAIT {self.replicas}: only {replies[-1]} replicas acknowledged")
+
+    async def open_fanout(
+        self, topic: str, subscribers: int
+    ) -> tuple[Publisher, list[AsyncIterator[bytes]]]:
+        key = f"fanout:{topic}"
+        writer = self._client()
+        self.clients.append(writer)
+
+        async def publish(items: list[bytes]) -> None:
+            await self._xadd(writer, key, items)
+
+        return publish, [self._follow(key) for _ in range(subscribers)]
+
+    async def _follow(self, key: str) -> AsyncIterator[bytes]:
+        """XREAD BLOCK from the stream's first entry, on a connection of its own."""
+        client = self._client()
+        self.clients.append(client)
+        last: bytes | str = "0-0"
+        while True:
+            reply = await client.xread({key: last}, count=1000, block=1000)
+            streams = reply.items() if isinstance(reply, dict) else reply
+            for _, entries in streams:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    yield fields[b"v"]
 
     async def close_client(self, client: Any) -> None:
         await client.aclose()
@@ -158,15 +196,3 @@ class ReplicatedRedisStreams(RedisStreams):
         "Sentinel, and a failover may still lose acknowledged writes."
     )
     replicas = 2
-
-    def _appender(self, client: Any) -> Appender:
-        async def append(item: bytes) -> None:
-            # WAIT counts the writes of its own connection, so both go in one pipeline.
-            async with client.pipeline(transaction=False) as pipe:
-                pipe.xadd(STREAM, {"v": item})
-                pipe.wait(self.replicas, WAIT_TIMEOUT_MS)
-                _, acked = await pipe.execute()
-            if int(acked) < self.replicas:
-                raise RuntimeError(f"WAIT {self.replicas}: only {acked} replicas acknowledged")
-
-        return append

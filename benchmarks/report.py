@@ -94,6 +94,7 @@ def markdown(run: dict[str, Any]) -> str:
             ["system", "acknowledged", "stored", "stored = acked"],
             [[s["name"], fmt(s.get("acked")), fmt(s.get("stored")), _verdict(s)] for s in ran],
         )
+    lines += _fanout_section(ran)
     for s in systems:
         if s.get("skipped"):
             lines.append(f"\nSkipped {s['name']}: {s['skipped']}")
@@ -106,3 +107,40 @@ def _verdict(result: dict[str, Any]) -> str:
     if result.get("error"):
         return "ERROR"
     return "yes" if result.get("verified") else "NO"
+
+
+#: Fan-out columns: header and the key of each figure in a fan-out result.
+FANOUT_COLUMNS = (
+    ("subscribers", "subscribers"),
+    ("appended items/s", "publish_items_per_s"),
+    ("lag p50 ms", "lag_p50_ms"),
+    ("lag p99 ms", "lag_p99_ms"),
+    ("append to seen p50 ms", "append_to_seen_p50_ms"),
+    ("append to seen p99 ms", "append_to_seen_p99_ms"),
+    ("slowest subscriber items/s", "slowest_subscriber_items_per_s"),
+)
+
+
+def _fanout_section(ran: list[dict[str, Any]]) -> list[str]:
+    rows: list[list[str]] = []
+    for s in ran:
+        for f in s.get("fanout", []):
+            if "error" in f:
+                rows.append([s["name"], str(f["subscribers"]), f"ERROR: {f['error']}"])
+                continue
+            cells = [
+                fmt(f.get(key), 0 if "items" in key or key == "subscribers" else 2)
+                for _, key in FANOUT_COLUMNS
+            ]
+            rows.append([s["name"], *cells, "yes" if f.get("every_item_in_order") else "NO"])
+    notes = [
+        f"- {s['name']}: {s['fanout_unsupported']}" for s in ran if s.get("fanout_unsupported")
+    ]
+    if not rows and not notes:
+        return []
+    lines = ["", "### Fan-out", ""]
+    if rows:
+        lines += _table(["system", *(h for h, _ in FANOUT_COLUMNS), "every item, in order"], rows)
+    if notes:
+        lines += ["", "Not measured:", *notes]
+    return lines

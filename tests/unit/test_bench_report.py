@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from benchmarks import report
-from benchmarks.core import latency_summary, percentile
+from benchmarks.core import delivery_summary, fanout_item, fanout_seq, latency_summary, percentile
 
 
 def test_percentile_is_nearest_rank_and_always_observed() -> None:
@@ -67,3 +67,26 @@ def test_markdown_has_a_table_per_size_ratios_and_the_check() -> None:
     assert "| peer | 2.00x | 2.00x | 1.00x | 1.00x | 1.00x |" in text
     assert "| peer | 10 | 9 | NO |" in text
     assert "Skipped absent: not installed" in text
+
+
+def test_fanout_items_carry_their_sequence_number() -> None:
+    item = fanout_item(1234, 16)
+    assert len(item) == 16
+    assert fanout_seq(item) == 1234
+    assert len(fanout_item(7, 4)) == 8  # never shorter than the sequence number
+
+
+def test_delivery_summary_lag_order_and_early_deliveries() -> None:
+    acked = [1.0, 1.0, 2.0]
+    sent = [0.5, 0.5, 1.5]
+    seen = [
+        ([0, 1, 2], [1.001, 0.999, 2.002]),  # complete; item 1 seen before its ack
+        ([0, 2], [1.003, 2.004]),  # missed item 1
+    ]
+    summary = delivery_summary(seen, acked, sent, started=0.5)
+    assert summary["every_item_in_order"] is False
+    assert summary["subscribers_complete"] == 1
+    assert summary["seen_before_ack"] == 0.2
+    assert summary["lag_max_ms"] == 4.0
+    assert summary["lag_p50_ms"] == 2.0
+    assert summary["append_to_seen_p99_ms"] == 504.0
