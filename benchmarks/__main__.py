@@ -265,6 +265,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     md_path = json_path.with_suffix(".md")
     md_path.write_text(f"# Benchmark run {run['started']} ({cfg.profile})\n\n{table}")
     say(f"wrote {json_path} and {md_path.name}")
+    _plot(run, json_path)
     print(table)
     failed = any(
         s.get("error")
@@ -273,6 +274,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         for s in run["systems"]
     )
     return 1 if failed else 0
+
+
+def _plot(run: dict[str, Any], json_path: Path) -> None:
+    try:
+        from .plots import write_plots
+
+        paths = write_plots(run, json_path.with_suffix(""))
+    except ImportError as exc:
+        say(f"plots skipped: {exc} (pip install -e '.[bench]' brings matplotlib)")
+        return
+    say(f"wrote {len(paths)} plots: {', '.join(p.name for p in paths)}")
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    json_path = Path(args.results)
+    _plot(json.loads(json_path.read_text()), json_path)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,8 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         help="one client (connection) per producer instead of one shared client",
     )
     run.add_argument("--keep", action="store_true", help="keep node data and logs")
+    plot = sub.add_parser("plot", help="(re)draw the PNG plots of a results JSON file")
+    plot.add_argument("results", help="a benchmarks/results/*.json file")
     args = parser.parse_args(argv)
-    return cmd_run(args)
+    return cmd_plot(args) if args.command == "plot" else cmd_run(args)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+
+import pytest
 
 from benchmarks import report
 from benchmarks.core import delivery_summary, fanout_item, fanout_seq, latency_summary, percentile
@@ -90,3 +93,43 @@ def test_delivery_summary_lag_order_and_early_deliveries() -> None:
     assert summary["lag_max_ms"] == 4.0
     assert summary["lag_p50_ms"] == 2.0
     assert summary["append_to_seen_p99_ms"] == 504.0
+
+
+def test_plots_are_written_beside_the_results(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from benchmarks.plots import write_plots
+
+    run = {
+        "started": "2026-01-01T00:00:00+00:00",
+        "machine": {"cpu_count": 2},
+        "config": {
+            "profile": "quick",
+            "producers": [1, 8],
+            "item_sizes": [16],
+            "fanout_subscribers": [1, 10],
+            "fanout_rate": 1000.0,
+        },
+        "systems": [
+            {
+                **_system("raftchan", 200.0),
+                "fanout": [
+                    {
+                        "subscribers": n,
+                        "lag_p50_ms": 0.0,
+                        "lag_p99_ms": 2.0,
+                        "append_to_seen_p50_ms": 1.0,
+                        "append_to_seen_p99_ms": 3.0,
+                    }
+                    for n in (1, 10)
+                ],
+            },
+            {"name": "absent", "skipped": "not installed"},
+        ],
+    }
+    paths = write_plots(run, tmp_path / "run")
+    assert sorted(p.name for p in paths) == [
+        "run-fanout.png",
+        "run-latency-16B.png",
+        "run-throughput-16B.png",
+    ]
+    assert all(p.stat().st_size > 1000 for p in paths)
