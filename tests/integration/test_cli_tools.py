@@ -1,4 +1,4 @@
-"""The operator tools (`status`, `append`, `tail`) as subprocesses against a real cluster."""
+"""The operator tools (status, append, tail, member) as subprocesses against a real cluster."""
 
 from __future__ import annotations
 
@@ -65,3 +65,28 @@ def test_append_then_tail_prints_the_items_as_json(cluster: LocalCluster) -> Non
     ]
     done = raftchan_cli("tail", "--address", cluster.addresses, "--from", "2", "notes")
     assert [json.loads(line) for line in done.stdout.splitlines()] == [{"x": 1}, [2, 3]]
+
+
+def test_member_list_shows_every_node_and_remove_refusals_exit_1(cluster: LocalCluster) -> None:
+    done = raftchan_cli("member", "list", "--json", "--address", cluster.addresses)
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(done.stdout)
+    text = json.dumps(listed)
+    for raft_address in cluster.raft_addresses:
+        assert raft_address in text, f"{raft_address} missing from {listed}"
+
+    leader = cluster.leader()
+    assert leader is not None
+    done = raftchan_cli(
+        "member", "remove", "--address", cluster.addresses, cluster.raft_addresses[leader]
+    )
+    assert done.returncode == 1
+    assert "MembershipError" in done.stderr and "leader" in done.stderr
+    done = raftchan_cli("member", "remove", "--address", cluster.addresses, "127.0.0.1:1")
+    assert done.returncode == 1
+    assert "MemberNotFound" in done.stderr
+    # Nothing changed.
+    again = json.loads(
+        raftchan_cli("member", "list", "--json", "--address", cluster.addresses).stdout
+    )
+    assert again == listed
