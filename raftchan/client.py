@@ -25,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
+import itertools
 import logging
 import os
 import random
@@ -285,6 +287,45 @@ class _Link:
 
 def _remaining(deadline: float) -> float:
     return max(0.0, deadline - asyncio.get_running_loop().time())
+
+
+class _FlushExpired(Exception):
+    """A flush waiter's deadline passed (turned into :class:`Timeout` by ``flush``)."""
+
+
+class _FlushWaiters:
+    """Futures waiting for "every append up to ticket T is answered", nearest T first.
+
+    Many producers each awaiting their own ``put`` make many waiters; a heap releases the
+    ones an answer completes without looking at the others.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    def add(self, target: int, future: asyncio.Future[None]) -> None:
+        heapq.heappush(self._heap, (target, next(self._order), future))
+
+    def release_through(self, done: int) -> None:
+        """Resolve every waiter whose target is at most ``done``."""
+        heap = self._heap
+        while heap and heap[0][0] <= done:
+            future = heapq.heappop(heap)[2]
+            if not future.done():
+                future.set_result(None)
+
+    def fail_all(self, error: BaseException) -> None:
+        """Fail every waiter that is still waiting with ``error``, and forget them all."""
+        heap, self._heap = self._heap, []
+        for _, _, future in heap:
+            if not future.done():
+                future.set_exception(error)
+
+
+def _expire(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(_FlushExpired())
 
 
 # ---------------------------------------------------------------------------------------
@@ -843,7 +884,7 @@ class AsyncClient:
             _AddressBook(self.addresses), self.retry, limits.max_frame_bytes, self._credentials
         )
         self._outbox = _Outbox()
-        self._flushers: list[tuple[int, asyncio.Future[None]]] = []
+        self._flushers = _FlushWaiters()
         self._sender: asyncio.Task[None] | None = None
         self._sender_wake = asyncio.Event()
         self._sender_backoff = Backoff(self.retry)
@@ -913,13 +954,14 @@ class AsyncClient:
         target = self._outbox.last_ticket
         if self._outbox.done_through() < target:
             self._ensure_sender()
-            deadline = self._deadline(timeout)
-            waiter = asyncio.get_running_loop().create_future()
-            self._flushers.append((target, waiter))
-            self._notify_flushers()
-            done, _ = await asyncio.wait({waiter}, timeout=self._remaining(deadline))
-            if not done:
-                self._flushers = [(t, f) for t, f in self._flushers if f is not waiter]
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._flushers.add(target, waiter)
+            # One timer, not asyncio.wait's task and callbacks: a put is a flush.
+            timer = loop.call_at(self._deadline(timeout), _expire, waiter)
+            try:
+                await waiter  # raises Closed if the client was closed meanwhile
+            except _FlushExpired:
                 unanswered = target - self._outbox.done_through()
                 last = self._last_append_error
                 # Say why they keep being retried (no leader, Dask unavailable, ...).
@@ -928,8 +970,9 @@ class AsyncClient:
                     f"flush: appends still unconfirmed after {self._timeout_of(timeout):.1f}s "
                     f"(they stay queued and keep being retried{cause})",
                     unanswered=unanswered,
-                )
-            waiter.result()  # raises Closed if the client was closed meanwhile
+                ) from None
+            finally:
+                timer.cancel()
         error = self._outbox.take_error(target)
         if error is not None:
             raise error
@@ -1219,10 +1262,7 @@ class AsyncClient:
             except _FINAL_DIAL_ERRORS as exc:
                 # Nothing was sent; the appends stay queued, and every waiting flush
                 # learns why now instead of at its deadline.
-                for _, waiter in self._flushers:
-                    if not waiter.done():
-                        waiter.set_exception(exc)
-                self._flushers = []
+                self._flushers.fail_all(exc)
                 return
             except Exception:  # a bug of ours must not silently stop every append
                 logger.exception("the append sender failed; restarting it")
@@ -1314,15 +1354,7 @@ class AsyncClient:
         self._in_flight = 0
 
     def _notify_flushers(self) -> None:
-        done = self._outbox.done_through()
-        waiting = []
-        for target, future in self._flushers:
-            if target <= done:
-                if not future.done():
-                    future.set_result(None)
-            else:
-                waiting.append((target, future))
-        self._flushers = waiting
+        self._flushers.release_through(self._outbox.done_through())
 
     async def _flush_before(self, deadline: float) -> RaftchanError | None:
         """Flush before a stop or delete; return (not raise) a refusal so the op still runs.
@@ -1412,10 +1444,7 @@ class AsyncClient:
         if sender is not None:
             with contextlib.suppress(BaseException):
                 await sender
-        for _, future in self._flushers:
-            if not future.done():
-                future.set_exception(Closed("this raftchan client is closed"))
-        self._flushers = []
+        self._flushers.fail_all(Closed("this raftchan client is closed"))
 
 
 # ---------------------------------------------------------------------------------------
