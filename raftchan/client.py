@@ -123,8 +123,9 @@ class RetryPolicy:
 
     initial_delay: float = 0.05
     multiplier: float = 2.0
-    # An election takes 0.4-1.4 s with the default Raft timeouts; a cap well under that
-    # keeps the wait between a new leader and the client's next attempt short.
+    # Nodes hold a request while an election is on and answer once a leader emerges, so
+    # backoff matters only when no node answers at all; a short cap keeps the client
+    # close behind a node that comes back.
     max_delay: float = 0.5
     jitter: float = 0.2
     timeout: float = 30.0
