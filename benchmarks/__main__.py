@@ -1,9 +1,10 @@
 """``python -m benchmarks run [--quick|--full] [--systems a,b,...]``.
 
 Starts each system for real on loopback, one after the other, runs the same workloads on
-each (append throughput with 1/8/64 producers, paced single-producer latency), stops what
-it started by pid, writes ``benchmarks/results/<time>-<profile>.json`` and a Markdown
-table beside it, and prints the table.
+each (append throughput with 1/8/64 producers, paced single-producer latency, fan-out,
+failover, recovery, Dask futures; ``--workloads`` picks some), stops what it started by
+pid, writes ``benchmarks/results/<time>-<profile>.json`` and a Markdown table beside it,
+and prints the table.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from . import report
 from .core import (
     PROFILES,
+    WORKLOADS,
     Appender,
     Config,
     Skipped,
@@ -38,6 +40,7 @@ from .core import (
     say,
     throughput,
 )
+from .failover import run_failover
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Every system ``--systems`` knows, in the order a run measures them.
@@ -94,7 +97,43 @@ def machine() -> dict[str, Any]:
     return info
 
 
-async def _phases(system: System, cfg: Config, result: dict[str, Any]) -> None:
+async def _phases(system: System, cfg: Config, result: dict[str, Any], workdir: Path) -> None:
+    chosen = set(cfg.workloads)
+    if chosen & {"throughput", "paced"}:
+        await _append_phases(system, cfg, result)
+    if "fanout" in chosen:
+        await _fanout_phases(system, cfg, result)
+    size = cfg.item_sizes[0]
+    workloads: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]] = [
+        ("failover", lambda: run_failover(system, cfg, size)),
+        ("recovery", lambda: system.recovery(cfg, workdir)),
+        ("futures", lambda: system.futures(cfg, workdir)),
+    ]
+    for key, measure in workloads:
+        if key in chosen:
+            await _workload(system, key, measure, result)
+
+
+async def _workload(
+    system: System,
+    key: str,
+    measure: Callable[[], Awaitable[dict[str, Any]]],
+    result: dict[str, Any],
+) -> None:
+    """One of the failover, recovery and futures workloads: its figures under ``key``, or
+    why the system cannot run it under ``<key>_unsupported``, or its error."""
+    say(f"  {system.name}: {key} ...")
+    try:
+        result[key] = await measure()
+    except Unsupported as exc:
+        result[f"{key}_unsupported"] = str(exc)
+        say(f"    not measured: {exc}")
+    except Exception as exc:  # the other workloads' figures stand
+        result[key] = {"error": f"{type(exc).__name__}: {exc}"}
+        say(f"    ERROR: {result[key]['error']}")
+
+
+async def _append_phases(system: System, cfg: Config, result: dict[str, Any]) -> None:
     acked = 0
 
     def counted(append: Appender) -> Appender:
@@ -106,7 +145,7 @@ async def _phases(system: System, cfg: Config, result: dict[str, Any]) -> None:
         return wrapped
 
     for size in cfg.item_sizes:
-        for n in cfg.producers:
+        for n in cfg.producers if "throughput" in cfg.workloads else ():
             say(
                 f"  {system.name}: throughput, {n} producer(s), {size} B, "
                 f"{cfg.throughput_s:g} s ..."
@@ -121,6 +160,8 @@ async def _phases(system: System, cfg: Config, result: dict[str, Any]) -> None:
                 f"    {figures['items_per_s']:,.0f} items/s, p50 {figures['p50_ms']} ms, "
                 f"p99 {figures['p99_ms']} ms ({figures['items']} items)"
             )
+        if "paced" not in cfg.workloads:
+            continue
         say(
             f"  {system.name}: paced latency, {size} B, {cfg.paced_items} appends "
             f"every {cfg.paced_interval_s * 1000:g} ms ..."
@@ -140,7 +181,6 @@ async def _phases(system: System, cfg: Config, result: dict[str, Any]) -> None:
     result["verified"] = stored == acked
     if not result["verified"]:
         say(f"  {system.name}: WARNING stored {stored} items, {acked} were acknowledged")
-    await _fanout_phases(system, cfg, result)
 
 
 async def _fanout_phases(system: System, cfg: Config, result: dict[str, Any]) -> None:
@@ -183,7 +223,7 @@ def run_system(system: System, cfg: Config, workdir: Path) -> dict[str, Any]:
     say(f"== {system.name}")
     try:
         system.start(workdir)
-        asyncio.run(_phases(system, cfg, result))
+        asyncio.run(_phases(system, cfg, result, workdir))
     except Skipped as exc:
         result["skipped"] = str(exc)
         say(f"  {system.name}: SKIPPED: {exc}")
@@ -232,6 +272,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             say(f"--fanout-rate must be at least {cfg.fanout_batch} items/s")
             return 2
         cfg = dataclasses.replace(cfg, fanout_rate=args.fanout_rate)
+    if args.workloads is not None:
+        chosen = tuple(w.strip() for w in args.workloads.split(",") if w.strip())
+        unknown_workloads = [w for w in chosen if w not in WORKLOADS]
+        if not chosen or unknown_workloads:
+            say(f"--workloads takes some of {', '.join(WORKLOADS)}: {args.workloads!r}")
+            return 2
+        cfg = dataclasses.replace(cfg, workloads=chosen)
     available = _systems()
     names = [n.strip() for n in args.systems.split(",") if n.strip()]
     unknown = [n for n in names if n not in available]
@@ -267,13 +314,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     say(f"wrote {json_path} and {md_path.name}")
     _plot(run, json_path)
     print(table)
-    failed = any(
-        s.get("error")
-        or (not s.get("skipped") and not s.get("verified"))
-        or any("error" in f for f in s.get("fanout", []))
-        for s in run["systems"]
-    )
+    failed = [s["name"] for s in run["systems"] if _failed(s)]
+    if failed:
+        say(f"problems in: {', '.join(failed)} (see the report)")
     return 1 if failed else 0
+
+
+def _failed(s: dict[str, Any]) -> bool:
+    """An error anywhere, or a check that did not hold (stored = acknowledged, no lost or
+    duplicated acknowledged append, correct futures results)."""
+    return bool(
+        s.get("error")
+        or s.get("verified") is False
+        or any("error" in f for f in s.get("fanout", []))
+        or any("error" in s.get(key, {}) for key in ("failover", "recovery", "futures"))
+        or s.get("failover", {}).get("verified") is False
+        or s.get("futures", {}).get("results_correct") is False
+    )
 
 
 def _plot(run: dict[str, Any], json_path: Path) -> None:
@@ -317,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="items/s the fan-out producer appends (default 1,000 with --quick, 10,000 "
         "with --full)",
+    )
+    run.add_argument(
+        "--workloads",
+        help=f"comma-separated, from: {','.join(WORKLOADS)} (default: all)",
     )
     run.add_argument("--out", help="folder for the JSON and Markdown (benchmarks/results)")
     run.add_argument(

@@ -46,6 +46,10 @@ class Skipped(Exception):
     """The system cannot run here (not installed, would not start); the message says why."""
 
 
+#: Every workload ``--workloads`` knows, in the order a run measures them.
+WORKLOADS = ("throughput", "paced", "fanout", "failover", "recovery", "futures")
+
+
 @dataclass(frozen=True)
 class Config:
     """Sizes of one run. ``--quick`` and ``--full`` pick one of :data:`PROFILES`."""
@@ -77,6 +81,24 @@ class Config:
     fanout_batch: int = 10
     #: ... after which the subscribers have this long to see the last item.
     fanout_drain_s: float = 10.0
+    #: Workloads to run (``--workloads``), from :data:`WORKLOADS`.
+    workloads: tuple[str, ...] = WORKLOADS
+    #: Failover: rounds (one leader kill each); producers, each with its own client and
+    #: one append in flight, at most ``failover_rate`` appends/s each; seconds of steady
+    #: load before the kill and after the first acknowledgement that follows it; a round
+    #: gives up this long after the kill; an append unanswered after
+    #: ``failover_op_timeout_s`` has an unknown outcome.
+    failover_rounds: int = 1
+    failover_producers: int = 4
+    failover_rate: float = 200.0
+    failover_before_s: float = 1.0
+    failover_after_s: float = 1.0
+    failover_limit_s: float = 30.0
+    failover_op_timeout_s: float = 1.0
+    #: Recovery: 16 B items loaded before the restarts.
+    recovery_items: int = 100_000
+    #: Futures: Dask futures appended and read back per system.
+    futures_items: int = 1_000
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -95,6 +117,9 @@ PROFILES = {
         fanout_rate=1000.0,
         fanout_s=1.0,
         fanout_batch=10,
+        failover_rounds=1,
+        recovery_items=100_000,
+        futures_items=1_000,
     ),
     "full": Config(
         profile="full",
@@ -108,6 +133,11 @@ PROFILES = {
         fanout_rate=10_000.0,
         fanout_s=3.0,
         fanout_batch=100,
+        failover_rounds=3,
+        failover_before_s=2.0,
+        failover_after_s=2.0,
+        recovery_items=1_000_000,
+        futures_items=10_000,
     ),
 }
 
@@ -127,6 +157,12 @@ class System:
     guarantees = ""
     #: Why the fan-out workload is not measured on this system (if it is not).
     no_fanout = "fan-out is not implemented for this system"
+    #: Why the failover, recovery and futures workloads are not measured (if they are not).
+    no_failover = "failover is not implemented for this system"
+    no_recovery = "recovery is not implemented for this system"
+    no_futures = "only raftchan and Dask Queue hold Dask futures"
+    #: How the failover producers' clients find the new leader (for the report).
+    failover_client = ""
 
     def start(self, workdir: Path) -> None:
         raise NotImplementedError
@@ -148,6 +184,41 @@ class System:
     async def count(self) -> int | None:
         """Items the system holds after the run (``None``: cannot tell)."""
         return None
+
+    # -- failover (see benchmarks/failover.py) ------------------------------------------
+
+    async def open_failover(self, n: int, op_timeout: float) -> list[Appender]:
+        """``n`` appenders to the failover channel (stream, prefix), one client each, that
+        keep working across a leader change as far as the client does it by itself.
+        Closed by :meth:`close_appenders`."""
+        raise Unsupported(self.no_failover)
+
+    async def failover_leader(self) -> int:
+        """Index of the server to kill: the one leading the failover channel now."""
+        raise Unsupported(self.no_failover)
+
+    def server_name(self, i: int) -> str:
+        return f"server {i}"
+
+    def kill_server(self, i: int) -> None:
+        """SIGKILL server ``i`` (by pid) and reap it."""
+        raise Unsupported(self.no_failover)
+
+    async def restart_server(self, i: int) -> None:
+        """Start server ``i`` again on its data and wait until the cluster is whole."""
+        raise Unsupported(self.no_failover)
+
+    async def failover_stored(self) -> list[bytes]:
+        """Every item of the failover channel, as stored (duplicates included)."""
+        raise Unsupported(self.no_failover)
+
+    # -- recovery and futures (benchmarks/recovery.py, benchmarks/futures.py) -----------
+
+    async def recovery(self, cfg: Config, workdir: Path) -> dict[str, Any]:
+        raise Unsupported(self.no_recovery)
+
+    async def futures(self, cfg: Config, workdir: Path) -> dict[str, Any]:
+        raise Unsupported(self.no_futures)
 
     def stop(self) -> None:
         raise NotImplementedError
@@ -201,6 +272,18 @@ class ServerSystem(System):
 
     def stop(self) -> None:
         stop_all(self.procs)
+
+    def kill_server(self, i: int) -> None:
+        self.procs[i].kill()
+
+    def server_name(self, i: int) -> str:
+        return self.procs[i].name
+
+    async def restart_process(self, i: int, port: int) -> None:
+        """Start server ``i`` again (same command, data and port) and wait until it
+        accepts connections."""
+        self.procs[i] = self.procs[i].restart()
+        await wait_tcp("127.0.0.1", port, 30.0, self.procs[i])
 
     def versions(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -471,6 +554,7 @@ class Process:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
+        self._env = env
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(
@@ -488,6 +572,21 @@ class Process:
 
     def alive(self) -> bool:
         return self.popen.poll() is None
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """SIGKILL (a crash: no clean shutdown) and reap."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(timeout)
+
+    def restart(self) -> Process:
+        """The same command again (same data, ports and log), as a new :class:`Process`;
+        this one must have ended."""
+        if self.alive():
+            raise RuntimeError(f"{self.name} (pid {self.pid}) is still running")
+        self._log.close()
+        return Process(self.name, self.argv, self.log_path, self._env)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout`` seconds; always reaped."""

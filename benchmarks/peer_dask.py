@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
-import sys
 from pathlib import Path
 from typing import Any
 
 from cluster.ports import free_ports
 
-from .core import Appender, Process, System, say, stop_all, wait_tcp
+from .core import Appender, Config, Process, System, say, stop_all, wait_tcp
+from .futures import queue_futures, scheduler_process
 
 HOST = "127.0.0.1"
 QUEUE = "bench"
@@ -23,6 +23,8 @@ class DaskQueue(System):
         "One scheduler process, nothing replicated or written to disk: put returns once "
         "the scheduler holds the item in memory; it is gone if the scheduler dies."
     )
+    no_failover = "one scheduler, nothing replicated: there is nothing to fail over to"
+    no_recovery = "nothing is written to disk: a restarted scheduler starts empty"
     no_fanout = (
         "a distributed.Queue hands each item to one reader, so it cannot fan out "
         "(Dask's Pub/Sub has no acknowledgement and is not measured)"
@@ -41,17 +43,7 @@ class DaskQueue(System):
     def start(self, workdir: Path) -> None:
         (port,) = free_ports(1, HOST)
         self.address = f"tcp://{HOST}:{port}"
-        argv = [
-            sys.executable,
-            "-m",
-            "distributed.cli.dask_scheduler",
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            "--no-dashboard",
-        ]
-        self.procs.append(Process("dask-scheduler", argv, workdir / "dask" / "scheduler.log"))
+        self.procs.append(scheduler_process(port, workdir / "dask" / "scheduler.log"))
         asyncio.run(wait_tcp(HOST, port, 60.0, self.procs[0]))
         say(f"  dask-queue: scheduler ready at {self.address} (pid {self.procs[0].pid})")
 
@@ -105,6 +97,10 @@ class DaskQueue(System):
                     await client.close()
         self.producer = self.consumer = None
         return self.consumed
+
+    async def futures(self, cfg: Config, workdir: Path) -> dict[str, Any]:
+        # A scheduler with workers of its own, like raftchan's futures workload has.
+        return await queue_futures(cfg.futures_items, workdir)
 
     def stop(self) -> None:
         stop_all(self.procs)

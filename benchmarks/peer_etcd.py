@@ -23,6 +23,7 @@ from .core import Appender, Process, Publisher, ServerSystem, Skipped, say, wait
 
 HOST = "127.0.0.1"
 PREFIX = b"/bench/items/"
+FAILOVER_PREFIX = b"/bench/failover/"
 READY_TIMEOUT_S = 60.0
 #: Seconds one request may take (the harness's own limit per append).
 OP_TIMEOUT_S = 30
@@ -35,6 +36,12 @@ class Etcd(ServerSystem):
         "log, fsynced (etcd always fsyncs its WAL before acknowledging), and the leader "
         "applied it."
     )
+    no_recovery = "the peers' restarts are not part of this harness yet (raftchan only)"
+    failover_client = (
+        "one aetcd client per producer, connected to the leader at first (aetcd takes one "
+        "endpoint); a Put that fails or times out is not retried, and the producer's next "
+        "Put goes to the next member (a follower forwards it to the leader)"
+    )
     binary_name, apt_package = "etcd", "etcd-server"
     client_package = client_module = "aetcd"
 
@@ -43,6 +50,8 @@ class Etcd(ServerSystem):
         self.client_ports: list[int] = []
         self.leader_port: int | None = None
         self.keys = itertools.count()
+        #: Clients of failed members being closed in the background.
+        self._closing: set[asyncio.Future[Any]] = set()
 
     def start(self, workdir: Path) -> None:
         self.require()
@@ -149,6 +158,79 @@ class Etcd(ServerSystem):
         events = await client.watch_prefix(prefix, start_revision=1)
         async for event in events:
             yield event.kv.value
+
+    async def open_failover(self, n: int, op_timeout: float) -> list[Appender]:
+        assert self.leader_port is not None
+        ports = self.client_ports
+        appenders: list[Appender] = []
+        for _ in range(n):
+            # The producer's own endpoint and client; the list is shared so that close
+            # finds the client in use last.
+            slot = [ports.index(self.leader_port), self._client(self.leader_port)]
+            self.clients.append(slot)
+
+            async def append(item: bytes, slot: list[Any] = slot) -> None:
+                try:
+                    # The key is the item's identity (producer, sequence): unique per append.
+                    await slot[1].put(FAILOVER_PREFIX + item[:8].hex().encode(), item)
+                except BaseException:
+                    # Whatever went wrong (the member died, a timeout), try the next one.
+                    old = slot[1]
+                    slot[0] = (slot[0] + 1) % len(ports)
+                    slot[1] = self._client(ports[slot[0]])
+                    closing = asyncio.ensure_future(old.close())
+                    self._closing.add(closing)
+                    closing.add_done_callback(self._closing.discard)
+                    raise
+
+            appenders.append(append)
+        return appenders
+
+    async def close_client(self, client: Any) -> None:
+        await (client[1] if isinstance(client, list) else client).close()
+
+    async def failover_leader(self) -> int:
+        for port, proc in zip(self.client_ports, self.procs, strict=True):
+            if not proc.alive():
+                continue
+            client = self._client(port)
+            try:
+                status = await client.status()
+                leader_port = int(status.leader.client_urls[0].rsplit(":", 1)[1])
+                self.leader_port = leader_port
+                return self.client_ports.index(leader_port)
+            except Exception:  # ask the next member
+                continue
+            finally:
+                await client.close()
+        raise RuntimeError("no etcd member names a leader")
+
+    async def restart_server(self, i: int) -> None:
+        await self.restart_process(i, self.client_ports[i])
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        client = self._client(self.client_ports[i])
+        try:
+            while True:
+                try:
+                    # A linearizable read through the restarted member: it has a leader
+                    # and caught up with its commit index.
+                    await client.get(FAILOVER_PREFIX)
+                    break
+                except Exception as exc:
+                    if time.monotonic() >= deadline:
+                        raise RuntimeError(f"etcd member {i + 1} does not serve: {exc}") from exc
+                    await asyncio.sleep(0.2)
+        finally:
+            await client.close()
+        await self.failover_leader()  # the throughput phases' appends go to the leader
+
+    async def failover_stored(self) -> list[bytes]:
+        assert self.leader_port is not None
+        client = self._client(self.leader_port)
+        try:
+            return [kv.value for kv in await client.get_prefix(FAILOVER_PREFIX)]
+        finally:
+            await client.close()
 
     async def count(self) -> int | None:
         from aetcd import rpc, utils

@@ -15,6 +15,10 @@ from .core import Appender, Process, Publisher, ServerSystem, Skipped, say, wait
 HOST = "127.0.0.1"
 STREAM = "BENCH"
 SUBJECT = "bench.items"
+FAILOVER_STREAM = "FAILOVER"
+FAILOVER_SUBJECT = "failover.items"
+#: Seconds the failover stream may take to have every replica current again.
+REPLICAS_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 60.0
 
 
@@ -25,6 +29,13 @@ class NatsJetStream(ServerSystem):
         "leader and a majority stored the message. JetStream fsyncs every 2 minutes by "
         "default (sync_interval), so an acknowledged message lives in the page cache of "
         "2 of 3 servers until then."
+    )
+
+    no_recovery = "the peers' restarts are not part of this harness yet (raftchan only)"
+    failover_client = (
+        "one nats-py connection per producer, all three server URLs (nats-py reconnects to "
+        "another server by itself); js.publish awaits the PubAck; a publish that fails "
+        "(no responders while the stream elects a leader, timeout) is not retried"
     )
 
     binary_name = apt_package = "nats-server"
@@ -58,7 +69,6 @@ class NatsJetStream(ServerSystem):
 
     async def _create_stream(self) -> None:
         import nats
-        from nats.js.api import StorageType, StreamConfig
 
         for port, proc in zip(self.ports, self.procs, strict=True):
             await wait_tcp(HOST, port, 30.0, proc)
@@ -68,14 +78,7 @@ class NatsJetStream(ServerSystem):
             deadline = time.monotonic() + READY_TIMEOUT_S
             while True:
                 try:
-                    await js.add_stream(
-                        StreamConfig(
-                            name=STREAM,
-                            subjects=[SUBJECT],
-                            num_replicas=3,
-                            storage=StorageType.FILE,
-                        )
-                    )
+                    await _add_r3_stream(js, STREAM, SUBJECT)
                     break
                 except Exception as exc:  # the meta leader may not be elected yet
                     if time.monotonic() >= deadline:
@@ -110,20 +113,12 @@ class NatsJetStream(ServerSystem):
         self, topic: str, subscribers: int
     ) -> tuple[Publisher, list[AsyncIterator[bytes]]]:
         import nats
-        from nats.js.api import StorageType, StreamConfig
 
         subject = f"fanout.{topic}"
         nc = await nats.connect(self._urls())
         self.clients.append(nc)
         js = nc.jetstream()
-        await js.add_stream(
-            StreamConfig(
-                name=f"FANOUT_{topic}".upper(),
-                subjects=[subject],
-                num_replicas=3,
-                storage=StorageType.FILE,
-            )
-        )
+        await _add_r3_stream(js, f"FANOUT_{topic}".upper(), subject)
 
         async def publish(items: list[bytes]) -> None:
             # publish_async writes each message at once, in this order, and hands back a
@@ -139,6 +134,74 @@ class NatsJetStream(ServerSystem):
             sub = await reader.jetstream().subscribe(subject, ordered_consumer=True)
             subs.append(_payloads(sub))
         return publish, subs
+
+    async def open_failover(self, n: int, op_timeout: float) -> list[Appender]:
+        import nats
+
+        appenders: list[Appender] = []
+        for k in range(n):
+            # The killed server's connection errors are expected: not printed.
+            nc = await nats.connect(self._urls(), error_cb=_expected_error)
+            self.clients.append(nc)
+            js = nc.jetstream()
+            if k == 0:
+                # The same config again is a no-op.
+                await _add_r3_stream(js, FAILOVER_STREAM, FAILOVER_SUBJECT)
+
+            async def append(item: bytes, js: Any = js) -> None:
+                await js.publish(FAILOVER_SUBJECT, item, timeout=op_timeout)
+
+            appenders.append(append)
+        return appenders
+
+    async def _stream_cluster(self) -> Any:
+        import nats
+
+        nc = await nats.connect(self._urls())
+        try:
+            return (await nc.jetstream().stream_info(FAILOVER_STREAM)).cluster
+        finally:
+            await nc.close()
+
+    async def failover_leader(self) -> int:
+        # The stream's leader, not JetStream's meta leader: it is the one that orders and
+        # acknowledges the stream's messages. Servers are named n1..n3.
+        leader = (await self._stream_cluster()).leader
+        return int(leader.removeprefix("n")) - 1
+
+    async def restart_server(self, i: int) -> None:
+        await self.restart_process(i, self.ports[i])
+        deadline = time.monotonic() + REPLICAS_TIMEOUT_S
+        while True:
+            try:
+                info = await self._stream_cluster()
+                peers = info.replicas or []
+                if info.leader and len(peers) == 2 and all(p.current for p in peers):
+                    return
+            except Exception as exc:  # no stream leader yet, or the server reconnecting
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"stream {FAILOVER_STREAM} not whole: {exc}") from exc
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"stream {FAILOVER_STREAM} replicas not current")
+            await asyncio.sleep(0.2)
+
+    async def failover_stored(self) -> list[bytes]:
+        import nats
+
+        nc = await nats.connect(self._urls())
+        try:
+            js = nc.jetstream()
+            total = int((await js.stream_info(FAILOVER_STREAM)).state.messages)
+            sub = await js.subscribe(FAILOVER_SUBJECT, ordered_consumer=True)
+            items: list[bytes] = []
+            deadline = time.monotonic() + 60.0
+            while len(items) < total and time.monotonic() < deadline:
+                msg = await sub.next_msg(timeout=10.0)
+                items.append(msg.data)
+            await sub.unsubscribe()
+            return items
+        finally:
+            await nc.close()
 
     async def count(self) -> int | None:
         import nats
@@ -157,6 +220,19 @@ class NatsJetStream(ServerSystem):
             "storage": "file",
             "sync_interval": "server default (2 min)",
         }
+
+
+async def _expected_error(exc: Exception) -> None:
+    pass
+
+
+async def _add_r3_stream(js: Any, name: str, subject: str) -> None:
+    """A file-backed stream with 3 replicas (``add_stream`` of an identical one: no-op)."""
+    from nats.js.api import StorageType, StreamConfig
+
+    await js.add_stream(
+        StreamConfig(name=name, subjects=[subject], num_replicas=3, storage=StorageType.FILE)
+    )
 
 
 async def _payloads(sub: Any) -> AsyncIterator[bytes]:

@@ -62,6 +62,12 @@ class PlainPysyncobj(System):
     )
 
     no_fanout = "pysyncobj has no subscriptions (nor has the benchmark's thin server)"
+    no_failover = (
+        "the benchmark's thin server sends every append to the leader found "
+        "at start and has no leader discovery or retry (pysyncobj has no client); the "
+        "design notes' figure, about 1.0 s median, comes from another script"
+    )
+    no_recovery = "the peers' restarts are not part of this harness yet (raftchan only)"
 
     #: False: each command is sent to the followers at once (the option raftchan's replica
     #: sets). True: pysyncobj's default, commands wait for the next 0.1 s send period.

@@ -39,6 +39,8 @@ class RedisStreams(ServerSystem):
     )
     #: Replicas that must acknowledge each XADD (``WAIT n``) before it counts.
     replicas = 0
+    no_failover = "one server: there is nothing to fail over to"
+    no_recovery = "the peers' restarts are not part of this harness yet (raftchan only)"
 
     binary_name, apt_package = "redis-server", "redis-server"
     client_package = client_module = "redis"
@@ -196,3 +198,9 @@ class ReplicatedRedisStreams(RedisStreams):
         "Sentinel, and a failover may still lose acknowledged writes."
     )
     replicas = 2
+    no_failover = (
+        "Redis promotes no replica by itself (that takes Sentinel or a "
+        "Redis Cluster, neither started here), so after the primary's SIGKILL every append "
+        "fails until it is back; and since replication is asynchronous, a promoted replica "
+        "may lack acknowledged writes"
+    )

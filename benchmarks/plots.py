@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .failover import median_round
 from .report import size_label
 
 #: One colour and marker per system, the same in every plot of a run.
@@ -47,11 +48,61 @@ def write_plots(run: dict[str, Any], stem: Path) -> list[Path]:
     matplotlib.use("Agg")
     written: list[Path] = []
     for size in run["config"]["item_sizes"]:
-        written.append(_throughput(run, size, stem))
-        written.append(_latency(run, size, stem))
+        if any(t.get("item_bytes") == size for s in _ran(run) for t in s.get("throughput", [])):
+            written.append(_throughput(run, size, stem))
+        if any(
+            e.get("item_bytes") == size and "p50_ms" in e
+            for s in _ran(run)
+            for e in s.get("throughput", []) + s.get("paced", [])
+        ):
+            written.append(_latency(run, size, stem))
     if any(s.get("fanout") for s in _ran(run)):
         written.append(_fanout(run, stem))
+    if any(median_round(s.get("failover", {}).get("rounds", [])) for s in _ran(run)):
+        written.append(_failover(run, stem))
     return written
+
+
+def _failover(run: dict[str, Any], stem: Path) -> Path:
+    """Acknowledged appends per bucket around the kill, the median round of each system."""
+    import matplotlib.pyplot as plt
+
+    styles = _style(run)
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    for s in _ran(run):
+        failover = s.get("failover", {})
+        chosen = median_round(failover.get("rounds", []))
+        if chosen is None:
+            continue
+        bucket = failover["bucket_s"]
+        counts = chosen["timeline"]
+        xs = [-failover["timeline_before_s"] + k * bucket for k in range(len(counts))]
+        label = f"{s['name']} (killed {chosen['killed']}: {chosen['failover_s']:.2f} s)"
+        ax.step(
+            xs, counts, where="post", label=label, linewidth=1.8, color=styles[s["name"]]["color"]
+        )
+    ax.axvline(0.0, color="black", linestyle="--", linewidth=1)
+    ax.annotate(
+        "SIGKILL of the leader",
+        (0.0, 1.0),
+        xycoords=("data", "axes fraction"),
+        xytext=(4, -14),
+        textcoords="offset points",
+        fontsize=9,
+    )
+    ax.set_xlabel("seconds from the kill")
+    ax.set_ylabel(f"acknowledged appends per {bucket * 1000:.0f} ms")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper right", fontsize=9)
+    ax.set_title(
+        _title(
+            run,
+            "Failover: acknowledged appends around a SIGKILL of the leader "
+            "(median round of each system)",
+        )
+    )
+    return _save(fig, stem, "failover")
 
 
 def _throughput(run: dict[str, Any], size: int, stem: Path) -> Path:

@@ -81,7 +81,7 @@ def markdown(run: dict[str, Any]) -> str:
     producers = list(config["producers"])
     ran = [s for s in systems if not s.get("skipped")]
     lines: list[str] = []
-    if ran:
+    if any(s.get("throughput") or s.get("paced") for s in ran):
         lines += [
             "Throughput: acknowledged items/s (above 1 in a ratio: raftchan is faster). "
             "Latency: ms from append to acknowledgement (below 1 in a ratio: raftchan is "
@@ -95,6 +95,9 @@ def markdown(run: dict[str, Any]) -> str:
             [[s["name"], fmt(s.get("acked")), fmt(s.get("stored")), _verdict(s)] for s in ran],
         )
     lines += _fanout_section(ran)
+    lines += _failover_section(ran)
+    lines += _recovery_section(ran)
+    lines += _futures_section(ran)
     for s in systems:
         if s.get("skipped"):
             lines.append(f"\nSkipped {s['name']}: {s['skipped']}")
@@ -144,3 +147,168 @@ def _fanout_section(ran: list[dict[str, Any]]) -> list[str]:
     if notes:
         lines += ["", "Not measured:", *notes]
     return lines
+
+
+def _not_measured(ran: list[dict[str, Any]], key: str) -> list[str]:
+    """One line per reason a workload was not measured, naming the systems it applies to."""
+    by_reason: dict[str, list[str]] = {}
+    for s in ran:
+        if s.get(key + "_unsupported"):
+            by_reason.setdefault(s[key + "_unsupported"], []).append(s["name"])
+    notes = [f"- {', '.join(names)}: {reason}" for reason, names in by_reason.items()]
+    return ["", "Not measured:", *notes] if notes else []
+
+
+def _error_rows(ran: list[dict[str, Any]], key: str) -> list[list[str]]:
+    return [[s["name"], f"ERROR: {s[key]['error']}"] for s in ran if "error" in s.get(key, {})]
+
+
+def _section(
+    ran: list[dict[str, Any]], key: str, title: str, rows: list[list[str]], header: list[str]
+) -> list[str]:
+    """A workload's table (its rows, then a row per system whose run of it failed) and the
+    systems that do not measure it, with why; nothing if neither."""
+    rows = rows + _error_rows(ran, key)
+    notes = _not_measured(ran, key)
+    if not rows and not notes:
+        return []
+    lines = ["", f"### {title}", ""]
+    if rows:
+        lines += _table(header, rows)
+    return lines + notes
+
+
+def _seconds(value: float | None) -> str:
+    return fmt(value, 2)
+
+
+def _failover_section(ran: list[dict[str, Any]]) -> list[str]:
+    rows: list[list[str]] = []
+    for s in ran:
+        f = s.get("failover")
+        if not f or "error" in f:
+            continue
+        rounds = ", ".join(_seconds(r.get("failover_s")) for r in f["rounds"])
+        rows.append(
+            [
+                s["name"],
+                str(len(f["rounds"])),
+                _seconds(f.get("median_s")),
+                rounds,
+                ", ".join(_seconds(r.get("first_ack_s")) for r in f["rounds"]),
+                fmt(f["acked"]),
+                fmt(f["acked_lost"]),
+                fmt(f["duplicates"]),
+                f"{fmt(f['unknown'])} ({fmt(f['unknown_stored'])} / "
+                f"{fmt(f['unknown_not_stored'])})",
+                "yes" if f.get("verified") else "NO",
+            ]
+        )
+    return _section(
+        ran,
+        "failover",
+        "Failover: SIGKILL of the leader under steady load",
+        rows,
+        [
+            "system",
+            "rounds",
+            "median s",
+            "kill to next acknowledged append, s (each round)",
+            "kill to first acknowledgement, s",
+            "acknowledged",
+            "acknowledged, lost",
+            "duplicates",
+            "unknown (stored / not stored)",
+            "none lost or duplicated",
+        ],
+    )
+
+
+def _mb_list(values: list[float | None] | None) -> str:
+    return " / ".join(fmt(v, 1) for v in values or [])
+
+
+def _recovery_section(ran: list[dict[str, Any]]) -> list[str]:
+    rows: list[list[str]] = []
+    for s in ran:
+        r = s.get("recovery")
+        if not r or "error" in r:
+            continue
+        rows.append(
+            [
+                s["name"],
+                fmt(r["items"]),
+                fmt(r["load_items_per_s"]),
+                _seconds(r["follower_restart_s"]),
+                _seconds(r["cluster_restart_serves_s"]),
+                _seconds(r["cluster_restart_all_nodes_s"]),
+                _mb_list(r["rss_empty_mb"]),
+                _mb_list(r["rss_loaded_mb"]),
+                _mb_list(r["rss_growth_mb_per_million"]),
+                _mb_list(r["rss_restart_growth_mb_per_million"]),
+                _mb_list(r["data_dir_mb"]),
+            ]
+        )
+    return _section(
+        ran,
+        "recovery",
+        "Recovery: restart with many 16 B items in the log",
+        rows,
+        [
+            "system",
+            "items",
+            "load items/s",
+            "follower restart to serving, s",
+            "cluster restart to serving, s",
+            "cluster restart, every node serving, s",
+            "RSS empty, MB per node",
+            "RSS loaded, MB",
+            "RSS growth, MB per million items",
+            "after cluster restart, MB per million",
+            "data folder, MB",
+        ],
+    )
+
+
+def _futures_section(ran: list[dict[str, Any]]) -> list[str]:
+    rows: list[list[str]] = []
+    figures = {s["name"]: s["futures"] for s in ran if "append_items_per_s" in s.get("futures", {})}
+    base = figures.get(BASELINE)
+    for name, f in figures.items():
+        rows.append(
+            [
+                name,
+                fmt(f["items"]),
+                fmt(f["append_items_per_s"]),
+                fmt(f["read_gather_items_per_s"]),
+                "yes" if f.get("results_correct") else "NO",
+                "-"
+                if base is None or name == BASELINE
+                else ratio(base["append_items_per_s"], f["append_items_per_s"]),
+                "-"
+                if base is None or name == BASELINE
+                else ratio(base["read_gather_items_per_s"], f["read_gather_items_per_s"]),
+            ]
+        )
+    rows += _error_rows(ran, "futures")
+    others = [s["name"] for s in ran if s.get("futures_unsupported")]
+    if not rows and not others:
+        return []
+    lines = ["", "### Dask futures: handed over and read back", ""]
+    names = ", ".join(others)
+    notes = ["", f"Not measured (they hold no Dask futures): {names}"] if others else []
+    if not rows:
+        return lines + notes[1:]
+    lines += _table(
+        [
+            "system",
+            "futures",
+            "append (+ flush) items/s",
+            "read + gather items/s",
+            "results correct",
+            f"{BASELINE} / system, append",
+            f"{BASELINE} / system, read + gather",
+        ],
+        rows,
+    )
+    return lines + notes

@@ -122,14 +122,138 @@ def test_plots_are_written_beside_the_results(tmp_path: Path) -> None:
                     }
                     for n in (1, 10)
                 ],
+                "failover": {
+                    "bucket_s": 0.05,
+                    "timeline_before_s": 1.0,
+                    "rounds": [
+                        {"killed": "n1", "failover_s": 0.6, "timeline": [30] * 20 + [0] * 12}
+                    ],
+                },
             },
             {"name": "absent", "skipped": "not installed"},
         ],
     }
     paths = write_plots(run, tmp_path / "run")
     assert sorted(p.name for p in paths) == [
+        "run-failover.png",
         "run-fanout.png",
         "run-latency-16B.png",
         "run-throughput-16B.png",
     ]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_failover_items_name_their_producer_and_sequence() -> None:
+    from benchmarks.failover import failover_item, item_key
+
+    item = failover_item(101, 7, 16)
+    assert len(item) == 16
+    assert item_key(item) == (101).to_bytes(2, "big") + (7).to_bytes(6, "big")
+    assert item_key(failover_item(101, 8, 16)) != item_key(item)
+
+
+def test_check_outcomes_finds_lost_duplicated_and_unknown_appends() -> None:
+    from benchmarks.failover import Attempt, check_outcomes, failover_item, item_key
+
+    items = [failover_item(1, seq, 16) for seq in range(6)]
+    attempts = [Attempt(item_key(item), 0.0, 0.1, acked=True) for item in items[:4]]
+    attempts += [Attempt(item_key(item), 0.0, 1.0, acked=False, error="T") for item in items[4:]]
+    stranger = failover_item(9, 0, 16)
+    # Item 1 lost, item 2 stored twice, unknown item 4 stored, 5 not, one nobody appended.
+    stored = [items[0], items[2], items[2], items[3], items[4], stranger]
+    assert check_outcomes(attempts, stored) == {
+        "appends": 6,
+        "acked": 4,
+        "acked_lost": 1,
+        "duplicates": 1,
+        "unknown": 2,
+        "unknown_stored": 1,
+        "unknown_not_stored": 1,
+        "stored": 6,
+        "unexpected": 1,
+    }
+
+
+def test_timeline_counts_whole_buckets_around_the_origin() -> None:
+    from benchmarks.failover import BUCKET_S, median_round, timeline
+
+    assert BUCKET_S == 0.05
+    times = [9.9, 9.96, 10.0, 10.01, 10.12, 10.149, 10.2, 8.0]
+    # From 9.9 to 10.175: 5 whole buckets; 10.2 and 8.0 fall outside.
+    assert timeline(times, origin=10.0, before_s=0.1, after_s=0.175) == [1, 1, 2, 0, 2]
+    assert timeline([], origin=0.0, before_s=1.0, after_s=0.0) == [0] * 20
+    rounds = [{"failover_s": 3.0}, {"failover_s": None}, {"failover_s": 1.0}, {"failover_s": 2.0}]
+    assert median_round(rounds) == {"failover_s": 2.0}
+    assert median_round([{"failover_s": None}]) is None
+
+
+def test_recovery_memory_figures() -> None:
+    import os
+
+    from benchmarks.recovery import per_million, rss_bytes
+
+    assert per_million(150_000_000, 1_000_000) == 150.0
+    assert per_million(10_000_000, 100_000) == 100.0
+    assert per_million(None, 10) is None
+    assert per_million(5, 0) is None
+    own = rss_bytes(os.getpid())
+    assert own is not None and own > 1_000_000
+    assert rss_bytes(None) is None
+
+
+def test_markdown_has_the_failover_recovery_and_futures_tables() -> None:
+    run = {
+        "config": {"producers": [1, 8], "item_sizes": [16]},
+        "systems": [
+            {
+                "name": "raftchan",
+                "failover": {
+                    "rounds": [{"failover_s": 0.6, "first_ack_s": 0.01}],
+                    "median_s": 0.6,
+                    "acked": 1000,
+                    "acked_lost": 0,
+                    "duplicates": 0,
+                    "unknown": 2,
+                    "unknown_stored": 2,
+                    "unknown_not_stored": 0,
+                    "verified": True,
+                },
+                "recovery": {
+                    "items": 100000,
+                    "load_items_per_s": 120000.0,
+                    "follower_restart_s": 0.5,
+                    "cluster_restart_serves_s": 0.7,
+                    "cluster_restart_all_nodes_s": 0.8,
+                    "rss_empty_mb": [40.0, 40.0, 40.0],
+                    "rss_loaded_mb": [50.0, 50.0, 50.0],
+                    "rss_growth_mb_per_million": [100.0, 100.0, 100.0],
+                    "rss_restart_growth_mb_per_million": [101.0, 101.0, 101.0],
+                    "data_dir_mb": [2.3, 2.3, 2.3],
+                },
+                "futures": {
+                    "items": 1000,
+                    "append_items_per_s": 20000.0,
+                    "read_gather_items_per_s": 4000.0,
+                    "results_correct": True,
+                },
+            },
+            {
+                "name": "dask-queue",
+                "failover_unsupported": "nothing to fail over to",
+                "futures": {
+                    "items": 1000,
+                    "append_items_per_s": 5000.0,
+                    "read_gather_items_per_s": 4000.0,
+                    "results_correct": True,
+                },
+            },
+            {"name": "redis", "futures_unsupported": "no futures"},
+        ],
+    }
+    text = report.markdown(run)
+    assert "| raftchan | 1 | 0.60 | 0.60 | 0.01 | 1,000 | 0 | 0 | 2 (2 / 0) | yes |" in text
+    assert "- dask-queue: nothing to fail over to" in text
+    assert "| raftchan | 100,000 | 120,000 | 0.50 | 0.70 | 0.80 | 40.0 / 40.0 / 40.0 |" in text
+    assert "| dask-queue | 1,000 | 5,000 | 4,000 | yes | 4.00x | 1.00x |" in text
+    assert "Not measured (they hold no Dask futures): redis" in text
+    assert "### 16 B items" not in text  # no throughput phase ran
