@@ -307,13 +307,19 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
-    ms = [s * 1000.0 for s in seconds]
+#: Percentiles kept of every latency sample, for the CDF plots (the samples themselves
+#: would make a run's JSON megabytes long).
+CDF_PERCENTILES = (1, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 98, 99, 99.5, 99.9, 100)
+
+
+def latency_summary(seconds: Sequence[float]) -> dict[str, Any]:
+    ms = sorted(s * 1000.0 for s in seconds)
     return {
         "p50_ms": round(percentile(ms, 50), 3),
         "p99_ms": round(percentile(ms, 99), 3),
         "p999_ms": round(percentile(ms, 99.9), 3),
         "max_ms": round(max(ms), 3) if ms else float("nan"),
+        "cdf_ms": [[q, round(percentile(ms, q), 3)] for q in CDF_PERCENTILES] if ms else [],
     }
 
 

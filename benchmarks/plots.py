@@ -1,5 +1,6 @@
 """PNG plots of a run, written next to its JSON: throughput against producers (one plot
-per item size), acknowledgement latency percentiles (one per item size) and fan-out lag.
+per item size), acknowledgement latency percentiles and CDFs (one each per item size),
+fan-out lag and the failover timeline.
 
 Needs matplotlib (``pip install -e '.[bench]'``); without it the run still writes its
 JSON and Markdown and says that the plots were skipped.
@@ -56,6 +57,12 @@ def write_plots(run: dict[str, Any], stem: Path) -> list[Path]:
             for e in s.get("throughput", []) + s.get("paced", [])
         ):
             written.append(_latency(run, size, stem))
+        if any(
+            e.get("item_bytes") == size and e.get("cdf_ms")
+            for s in _ran(run)
+            for e in s.get("paced", [])
+        ):
+            written.append(_latency_cdf(run, size, stem))
     if any(s.get("fanout") for s in _ran(run)):
         written.append(_fanout(run, stem))
     if any(median_round(s.get("failover", {}).get("rounds", [])) for s in _ran(run)):
@@ -169,6 +176,48 @@ def _latency(run: dict[str, Any], size: int, stem: Path) -> Path:
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
     return _save(fig, stem, f"latency-{size}B")
+
+
+def _latency_cdf(run: dict[str, Any], size: int, stem: Path) -> Path:
+    """Acknowledgement latency CDFs: paced (left) and at the most producers (right)."""
+    import matplotlib.pyplot as plt
+
+    styles = _style(run)
+    top = max(run["config"]["producers"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    panels = (("paced", None, "one producer, paced"), ("throughput", top, f"{top} producers"))
+    for ax, (phase, producers, label) in zip(axes, panels, strict=True):
+        for s in _ran(run):
+            entry = next(
+                (
+                    e
+                    for e in s.get(phase, [])
+                    if e.get("item_bytes") == size
+                    and (producers is None or e.get("producers") == producers)
+                    and e.get("cdf_ms")
+                ),
+                None,
+            )
+            if entry is None:
+                continue
+            qs, ms = zip(*entry["cdf_ms"], strict=True)
+            style = styles[s["name"]]
+            ax.plot(
+                ms,
+                [q / 100 for q in qs],
+                label=s["name"],
+                color=style["color"],
+                marker=style["marker"],
+                markersize=4,
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("ms from append to acknowledgement (log scale)")
+        ax.set_title(label)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("fraction of appends acknowledged within")
+    axes[1].legend(loc="lower right", fontsize=9)
+    fig.suptitle(_title(run, f"Acknowledgement latency CDF, {size_label(size)} items"))
+    return _save(fig, stem, f"latency-cdf-{size}B")
 
 
 def _fanout(run: dict[str, Any], stem: Path) -> Path:

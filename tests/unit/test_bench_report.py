@@ -22,7 +22,11 @@ def test_percentile_is_nearest_rank_and_always_observed() -> None:
 
 def test_latency_summary_is_in_milliseconds() -> None:
     summary = latency_summary([0.001] * 99 + [0.1])
+    cdf = summary.pop("cdf_ms")
     assert summary == {"p50_ms": 1.0, "p99_ms": 1.0, "p999_ms": 100.0, "max_ms": 100.0}
+    assert cdf[0] == [1, 1.0] and cdf[-1] == [100, 100.0]
+    assert [q for q, _ in cdf] == sorted(q for q, _ in cdf)
+    assert [ms for _, ms in cdf] == sorted(ms for _, ms in cdf)
 
 
 def test_size_labels() -> None:
@@ -48,7 +52,14 @@ def _system(name: str, rate: float, verified: bool = True) -> dict[str, object]:
             {"producers": n, "item_bytes": 16, "items_per_s": rate * n, "p99_ms": 2.0}
             for n in (1, 8)
         ],
-        "paced": [{"item_bytes": 16, "p50_ms": 1.0, "p99_ms": 3.0}],
+        "paced": [
+            {
+                "item_bytes": 16,
+                "p50_ms": 1.0,
+                "p99_ms": 3.0,
+                "cdf_ms": [[1, 0.5], [50, 1.0], [99, 3.0], [100, 4.0]],
+            }
+        ],
         "acked": 10,
         "stored": 10 if verified else 9,
         "verified": verified,
@@ -138,6 +149,7 @@ def test_plots_are_written_beside_the_results(tmp_path: Path) -> None:
         "run-failover.png",
         "run-fanout.png",
         "run-latency-16B.png",
+        "run-latency-cdf-16B.png",
         "run-throughput-16B.png",
     ]
     assert all(p.stat().st_size > 1000 for p in paths)
