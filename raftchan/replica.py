@@ -31,6 +31,7 @@ import functools
 import logging
 import os
 import pickle
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -87,6 +88,11 @@ def peer_message_bytes(limits: Limits) -> int:
     return 2 * (append_batch_bytes(limits) + limits.max_frame_bytes)
 
 
+#: Seconds within which a follower that saw its leader's connection close stands for
+#: election (each at a random point, so that they rarely split the vote).
+_EARLY_ELECTION_WINDOW = 0.1
+
+
 class _SyncBeforeSendTransport(TCPTransport):
     """pysyncobj's TCP transport, fsyncing the journal before any message leaves.
 
@@ -107,6 +113,21 @@ class _SyncBeforeSendTransport(TCPTransport):
         super().__init__(syncObj, selfNode, otherNodes)
         self._journal = journal
         self.blocked: set[str] = set()
+
+    def _onNodeDisconnected(self, node: Any) -> None:  # noqa: N802 - pysyncobj's name
+        super()._onNodeDisconnected(node)
+        sync_obj = self._syncObj
+        leader = sync_obj._getLeader()
+        if sync_obj._isLeader() or (leader is not None and leader != node):
+            return
+        # The leader's connection closed (or a candidate's vote request already made this
+        # node forget its leader): the leader's process is gone or going; a live leader
+        # that was only cut off keeps its connections until they time out. Waiting out
+        # the rest of the election timeout would only add to the failover; a random start
+        # within a short window keeps the followers from all standing at once.
+        soon = time.monotonic() + random.uniform(0.0, _EARLY_ELECTION_WINDOW)
+        current = sync_obj._SyncObj__raftElectionDeadline
+        sync_obj._SyncObj__raftElectionDeadline = min(current, soon)
 
     def send(self, node: Any, message: Any) -> bool:
         if node.id in self.blocked:
