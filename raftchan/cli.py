@@ -72,6 +72,9 @@ _LIMIT_HELP = {
     "max_sessions": "Most client sessions remembered for de-duplication.",
 }
 
+#: The type of every option that names a file the node reads (config, secrets, TLS).
+EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 #: How long ``raftchan up`` gives its nodes to stop after SIGTERM before SIGKILL.
@@ -187,7 +190,7 @@ def _limit_options(func: F) -> F:
 @cli.command()
 @click.option(
     "--config",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=EXISTING_FILE,
     is_eager=True,
     expose_value=False,
     callback=_load_config_file,
@@ -207,7 +210,7 @@ def _limit_options(func: F) -> F:
 )
 @click.option(
     "--cluster-secret-file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=EXISTING_FILE,
     help="File holding the shared secret that encrypts Raft traffic "
     "(required for any non-loopback peer address).",
 )
@@ -244,17 +247,17 @@ def _limit_options(func: F) -> F:
 )
 @click.option(
     "--tls-cert-file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=EXISTING_FILE,
     help="Serve clients over TLS with this certificate chain (PEM); needs --tls-key-file.",
 )
 @click.option(
     "--tls-key-file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=EXISTING_FILE,
     help="The private key (PEM) of --tls-cert-file.",
 )
 @click.option(
     "--token-file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=EXISTING_FILE,
     help="Require clients to present one of the tokens this file lists, one per line "
     "(clients: token= or $RAFTCHAN_TOKEN).",
 )
