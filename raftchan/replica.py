@@ -7,9 +7,10 @@ What this module owns:
 - **Durability.** raftchan's own :class:`~raftchan.journal.DurableJournal` is plugged in
   through pysyncobj's ``createJournal`` seam, and snapshots are msgpack files written by
   :mod:`raftchan.snapshot`. Under the default fsync policy the journal is fsynced before
-  any Raft message leaves the node (so a follower's acknowledgement means "on my disk")
-  and before any applied result is handed to a client (so the leader's own copy is on
-  disk before the client hears "committed"). Both are cheap when nothing is dirty.
+  any Raft message but the leader's append-entries leaves the node (so a follower's
+  acknowledgement means "on my disk"); the leader syncs right after sending new entries
+  and before it counts its own copy toward a commit, and before any applied result is
+  handed to a client. All are cheap when nothing is dirty.
 - **Threads.** pysyncobj runs one tick thread for network I/O, applies and callbacks. The
   state is mutated only there, under :attr:`Replica.lock`; results are handed to asyncio
   with ``call_soon_threadsafe``.
@@ -93,13 +94,21 @@ def peer_message_bytes(limits: Limits) -> int:
 _EARLY_ELECTION_WINDOW = 0.1
 
 
+#: How long a leader that applied entries waits for a new command to carry the commit
+#: index to its followers before it sends a message of its own for it (seconds).
+_COMMIT_NOTICE_DELAY = 0.001
+
+
 class _SyncBeforeSendTransport(TCPTransport):
-    """pysyncobj's TCP transport, fsyncing the journal before any message leaves.
+    """pysyncobj's TCP transport, fsyncing the journal before a message leaves.
 
     A follower's append-entries reply tells the leader "stored"; Raft counts it toward the
     majority. Syncing here makes that statement true on disk, at one fsync per tick at most.
-    The optional ``blocked`` set drops messages to chosen peers (a partition switch used
-    only by the fault harness).
+    The leader's own append-entries are the exception: they leave first and the leader
+    syncs right after, so that its fsync runs while the followers write theirs (see
+    :meth:`_RaftNode._onTick` for why the leader still never counts an entry it has not
+    synced). The optional ``blocked`` set drops messages to chosen peers (a partition
+    switch used only by the fault harness).
     """
 
     def __init__(
@@ -132,7 +141,8 @@ class _SyncBeforeSendTransport(TCPTransport):
     def send(self, node: Any, message: Any) -> bool:
         if node.id in self.blocked:
             return False
-        self._journal.sync()
+        if message.get("type") != "append_entries" or not self._syncObj._isLeader():
+            self._journal.sync()
         return bool(super().send(node, message))
 
 
@@ -209,7 +219,44 @@ class _RaftNode(SyncObj):
         self._raftchan_journal = journal
         #: Why the last membership change this leader refused was refused (tick thread).
         self.raftchan_refusal: str | None = None
+        #: When the commit index applied last must go out if no command carries it first.
+        self._commit_notice_due: float | None = None
         super().__init__(**kwargs)
+        # The last step of every tick, right before it waits for messages: the entries
+        # this tick appended and sent are synced while the followers store them.
+        self.addOnTickCallback(journal.sync)
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:  # noqa: N802, N803 - pysyncobj's
+        # A leader counts itself toward every entry's majority. It sends new entries before
+        # its own fsync, so it must sync before it counts: at the start of each tick, where
+        # it counts, and at its end (above). Entries appended while it waited (the no-op of
+        # a new term) are the ones the first sync is for. Both are free when nothing is new.
+        self._raftchan_journal.sync()
+        due = self._commit_notice_due
+        if due is not None:
+            now = time.monotonic()
+            if now >= due:
+                self._commit_notice_due = None
+                self._SyncObj__newAppendEntriesTime = 0.0  # send this tick
+            else:
+                timeToWait = min(timeToWait, due - now)
+        super()._onTick(timeToWait)
+
+    def _SyncObj__applyLogEntries(self) -> bool:  # noqa: N802 - overrides it
+        # pysyncobj tells the followers the new commit index right after every apply: two
+        # more messages and two answers per command, sent while the client's answer waits
+        # for the GIL. The next command carries the index anyway; only when none comes
+        # within a millisecond does a message of its own go out.
+        applied = self._SyncObj__raftLastApplied
+        SyncObj._SyncObj__applyLogEntries(self)
+        leads = self._isLeader()
+        if leads and self._SyncObj__raftLastApplied != applied and self._commit_notice_due is None:
+            self._commit_notice_due = time.monotonic() + _COMMIT_NOTICE_DELAY
+        return False
+
+    def _SyncObj__sendAppendEntries(self) -> None:  # noqa: N802 - overrides it
+        self._commit_notice_due = None  # every append-entries carries the commit index
+        SyncObj._SyncObj__sendAppendEntries(self)
 
     @replicated
     def apply_command(self, command: bytes) -> list[Result]:
