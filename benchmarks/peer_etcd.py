@@ -19,7 +19,8 @@ from typing import Any
 
 from cluster.ports import free_ports
 
-from .core import Appender, Process, Publisher, ServerSystem, Skipped, say, wait_tcp
+from .core import Appender, Config, Process, Publisher, ServerSystem, Skipped, say, wait_tcp
+from .recovery import PeerCluster, measure_peer_recovery, recovery_item
 
 HOST = "127.0.0.1"
 PREFIX = b"/bench/items/"
@@ -27,6 +28,13 @@ FAILOVER_PREFIX = b"/bench/failover/"
 READY_TIMEOUT_S = 60.0
 #: Seconds one request may take (the harness's own limit per append).
 OP_TIMEOUT_S = 30
+RECOVERY_PREFIX = b"/bench/recovery/"
+#: Puts per transaction while loading the recovery keys (etcd's default limit
+#: ``--max-txn-ops``), and transactions in flight.
+TXN_OPS = 128
+LOAD_WRITERS = 8
+#: Seconds one check of a member's serving state may take.
+PROBE_TIMEOUT_S = 1.0
 
 
 class Etcd(ServerSystem):
@@ -36,7 +44,6 @@ class Etcd(ServerSystem):
         "log, fsynced (etcd always fsyncs its WAL before acknowledging), and the leader "
         "applied it."
     )
-    no_recovery = "the peers' restarts are not part of this harness yet (raftchan only)"
     failover_client = (
         "one aetcd client per producer, connected to the leader at first (aetcd takes one "
         "endpoint); a Put that fails or times out is not retried, and the producer's next "
@@ -56,34 +63,8 @@ class Etcd(ServerSystem):
     def start(self, workdir: Path) -> None:
         self.require()
         ports = free_ports(6, HOST)
-        self.client_ports, peer_ports = ports[:3], ports[3:]
-        members = ",".join(f"e{i + 1}=http://{HOST}:{p}" for i, p in enumerate(peer_ports))
-        base = workdir / "etcd"
-        for i in range(3):
-            client_url = f"http://{HOST}:{self.client_ports[i]}"
-            peer_url = f"http://{HOST}:{peer_ports[i]}"
-            argv = [
-                self.binary,
-                "--name",
-                f"e{i + 1}",
-                "--data-dir",
-                str(base / f"e{i + 1}"),
-                "--listen-client-urls",
-                client_url,
-                "--advertise-client-urls",
-                client_url,
-                "--listen-peer-urls",
-                peer_url,
-                "--initial-advertise-peer-urls",
-                peer_url,
-                "--initial-cluster",
-                members,
-                "--initial-cluster-state",
-                "new",
-                "--initial-cluster-token",
-                "bench",
-            ]
-            self.procs.append(Process(f"etcd e{i + 1}", argv, base / f"e{i + 1}.log"))
+        self.client_ports = ports[:3]
+        self.procs.extend(_launch(self.binary, workdir / "etcd", self.client_ports, ports[3:]))
         say(f"  etcd: 3 members started (pids {[p.pid for p in self.procs]})")
         asyncio.run(self._find_leader())
 
@@ -95,25 +76,10 @@ class Etcd(ServerSystem):
     async def _find_leader(self) -> None:
         for port, proc in zip(self.client_ports, self.procs, strict=True):
             await wait_tcp(HOST, port, 30.0, proc)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            for port in self.client_ports:
-                client = self._client(port)
-                try:
-                    status = await client.status()
-                    if status.leader is not None and status.leader.client_urls:
-                        # Appends go to the leader, as they do on pysyncobj; a follower
-                        # would forward each one.
-                        self.leader_port = int(status.leader.client_urls[0].rsplit(":", 1)[1])
-                        say(f"  etcd: leader serves on port {self.leader_port}")
-                        return
-                except Exception as exc:  # not elected yet, or not listening yet
-                    last_error = exc
-                finally:
-                    await client.close()
-            await asyncio.sleep(0.2)
-        raise Skipped(f"no etcd leader within {READY_TIMEOUT_S:.0f} s: {last_error}")
+        # Appends go to the leader, as they do on pysyncobj; a follower would forward
+        # each one.
+        self.leader_port = await _leader_port(self.client_ports)
+        say(f"  etcd: leader serves on port {self.leader_port}")
 
     async def open_appenders(self, n: int, shared: bool) -> list[Appender]:
         assert self.leader_port is not None
@@ -233,19 +199,13 @@ class Etcd(ServerSystem):
             await client.close()
 
     async def count(self) -> int | None:
-        from aetcd import rpc, utils
-
         assert self.leader_port is not None
-        client = self._client(self.leader_port)
-        try:
-            await client.connect()
-            request = rpc.RangeRequest(
-                key=PREFIX, range_end=utils.prefix_range_end(PREFIX), count_only=True
-            )
-            response = await client.kvstub.Range(request, timeout=OP_TIMEOUT_S)
-            return int(response.count)
-        finally:
-            await client.close()
+        return await _count(self.leader_port, PREFIX, OP_TIMEOUT_S)
+
+    async def recovery(self, cfg: Config, workdir: Path) -> dict[str, Any]:
+        """The recovery figures (:func:`measure_peer_recovery`) on three members of its
+        own."""
+        return await measure_peer_recovery(EtcdRecovery(self.binary, workdir), cfg)
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -254,3 +214,148 @@ class Etcd(ServerSystem):
             "client": "aetcd (gRPC), connected to the leader",
             "settings": "etcd defaults (WAL fsynced on every commit)",
         }
+
+
+def _client(port: int, timeout: float = OP_TIMEOUT_S) -> Any:
+    import aetcd
+
+    return aetcd.Client(host=HOST, port=port, timeout=timeout)
+
+
+def _launch(
+    binary: str, base: Path, client_ports: list[int], peer_ports: list[int]
+) -> list[Process]:
+    """Three ``etcd`` members named e1..e3 in one new cluster, data in ``base/e<i>``.
+    Started again on its data, a member ignores the ``--initial-*`` flags."""
+    members = ",".join(f"e{i + 1}=http://{HOST}:{p}" for i, p in enumerate(peer_ports))
+    procs: list[Process] = []
+    for i in range(3):
+        client_url = f"http://{HOST}:{client_ports[i]}"
+        peer_url = f"http://{HOST}:{peer_ports[i]}"
+        argv = [
+            binary,
+            "--name",
+            f"e{i + 1}",
+            "--data-dir",
+            str(base / f"e{i + 1}"),
+            "--listen-client-urls",
+            client_url,
+            "--advertise-client-urls",
+            client_url,
+            "--listen-peer-urls",
+            peer_url,
+            "--initial-advertise-peer-urls",
+            peer_url,
+            "--initial-cluster",
+            members,
+            "--initial-cluster-state",
+            "new",
+            "--initial-cluster-token",
+            "bench",
+        ]
+        procs.append(Process(f"etcd e{i + 1}", argv, base / f"e{i + 1}.log"))
+    return procs
+
+
+async def _leader_port(ports: list[int]) -> int:
+    """The client port of the member that leads now, as the members report it (bounded)."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        for port in ports:
+            client = _client(port)
+            try:
+                status = await client.status()
+                if status.leader is not None and status.leader.client_urls:
+                    return int(status.leader.client_urls[0].rsplit(":", 1)[1])
+            except Exception as exc:  # not elected yet, or not listening yet
+                last_error = exc
+            finally:
+                await client.close()
+        await asyncio.sleep(0.2)
+    raise Skipped(f"no etcd leader within {READY_TIMEOUT_S:.0f} s: {last_error}")
+
+
+async def _count(port: int, prefix: bytes, timeout: float, serializable: bool = False) -> int:
+    """Keys under ``prefix``, counted by the member at ``port`` (a ``count_only`` range
+    read; linearizable unless ``serializable``)."""
+    from aetcd import rpc, utils
+
+    client = _client(port, timeout)
+    try:
+        await client.connect()
+        request = rpc.RangeRequest(
+            key=prefix,
+            range_end=utils.prefix_range_end(prefix),
+            count_only=True,
+            serializable=serializable,
+        )
+        response = await client.kvstub.Range(request, timeout=timeout)
+        return int(response.count)
+    finally:
+        await client.close()
+
+
+class EtcdRecovery(PeerCluster):
+    """The recovery workload's keys on three members of its own."""
+
+    serving = (
+        "a member serves when a linearizable count of the prefix through it (it has a "
+        "leader and applied everything committed) answers the full count; the cluster "
+        "serves when that count through any member does"
+    )
+
+    def __init__(self, binary: str, workdir: Path) -> None:
+        super().__init__()
+        self.binary = binary
+        self.base = workdir / "etcd-recovery"
+        self.ports: list[int] = []
+
+    def launch(self) -> None:
+        ports = free_ports(6, HOST)
+        self.ports = ports[:3]
+        self.procs = _launch(self.binary, self.base, self.ports, ports[3:])
+        self.names = [f"e{i + 1}" for i in range(3)]
+        self.data_dirs = [self.base / name for name in self.names]
+        say(f"    etcd: 3 members started (pids {[p.pid for p in self.procs]})")
+
+    async def ready(self) -> None:
+        for port, proc in zip(self.ports, self.procs, strict=True):
+            await wait_tcp(HOST, port, 30.0, proc)
+        await _leader_port(self.ports)
+
+    async def load(self, items: int) -> None:
+        client = _client(await _leader_port(self.ports))
+        batches = iter(range(0, items, TXN_OPS))
+
+        async def writer() -> None:
+            # The writers share one iterator of batches: each takes the next one free.
+            for first in batches:
+                puts = [
+                    client.transactions.put(RECOVERY_PREFIX + b"%08d" % seq, recovery_item(seq))
+                    for seq in range(first, min(items, first + TXN_OPS))
+                ]
+                await client.transaction(compare=[], success=puts, failure=[])
+
+        try:
+            await asyncio.gather(*(writer() for _ in range(LOAD_WRITERS)))
+        finally:
+            await client.close()
+        stored = await _count(self.ports[0], RECOVERY_PREFIX, OP_TIMEOUT_S)
+        if stored != items:
+            raise RuntimeError(f"put {items} keys, the prefix holds {stored}")
+
+    async def leaders(self) -> set[int]:
+        return {self.ports.index(await _leader_port(self.ports))}
+
+    async def serves(self, i: int, items: int) -> bool:
+        try:
+            return await _count(self.ports[i], RECOVERY_PREFIX, PROBE_TIMEOUT_S) == items
+        except Exception:  # not up yet, no leader yet, or the read timed out
+            return False
+
+    async def cluster_serves(self, items: int) -> bool:
+        for i in range(len(self.ports)):
+            if await self.serves(i, items):
+                return True
+        return False

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from cluster.ports import free_ports
 
-from .core import Appender, Process, Publisher, ServerSystem, Skipped, say, wait_tcp
+from .core import Appender, Config, Process, Publisher, ServerSystem, Skipped, say, wait_tcp
+from .recovery import PeerCluster, measure_peer_recovery, recovery_item
 
 HOST = "127.0.0.1"
 STREAM = "BENCH"
 SUBJECT = "bench.items"
 FAILOVER_STREAM = "FAILOVER"
 FAILOVER_SUBJECT = "failover.items"
+RECOVERY_STREAM = "RECOVERY"
+RECOVERY_SUBJECT = "recovery.items"
+#: Messages published before their acks are awaited, while loading the recovery stream.
+LOAD_CHUNK = 10_000
+#: Seconds one check of a server's serving state may take.
+PROBE_TIMEOUT_S = 1.0
 #: Seconds the failover stream may take to have every replica current again.
 REPLICAS_TIMEOUT_S = 60.0
 READY_TIMEOUT_S = 60.0
@@ -31,7 +40,6 @@ class NatsJetStream(ServerSystem):
         "2 of 3 servers until then."
     )
 
-    no_recovery = "the peers' restarts are not part of this harness yet (raftchan only)"
     failover_client = (
         "one nats-py connection per producer, all three server URLs (nats-py reconnects to "
         "another server by itself); js.publish awaits the PubAck; a publish that fails "
@@ -48,22 +56,8 @@ class NatsJetStream(ServerSystem):
     def start(self, workdir: Path) -> None:
         self.require()
         ports = free_ports(6, HOST)
-        self.ports, routes = ports[:3], ports[3:]
-        base = workdir / "nats"
-        for i in range(3):
-            others = ", ".join(f"nats-route://{HOST}:{p}" for j, p in enumerate(routes) if j != i)
-            conf = base / f"n{i + 1}.conf"
-            conf.parent.mkdir(parents=True, exist_ok=True)
-            conf.write_text(
-                f'server_name: "n{i + 1}"\n'
-                f"listen: {HOST}:{self.ports[i]}\n"
-                f'jetstream {{ store_dir: "{base / f"n{i + 1}"}" }}\n'
-                f'cluster {{ name: "bench"\n listen: {HOST}:{routes[i]}\n'
-                f" routes: [{others}] }}\n"
-            )
-            self.procs.append(
-                Process(f"nats n{i + 1}", [self.binary, "-c", str(conf)], base / f"n{i + 1}.log")
-            )
+        self.ports = ports[:3]
+        self.procs.extend(_launch(self.binary, workdir / "nats", self.ports, ports[3:]))
         say(f"  nats: 3 servers started (pids {[p.pid for p in self.procs]})")
         asyncio.run(self._create_stream())
 
@@ -213,6 +207,10 @@ class NatsJetStream(ServerSystem):
         finally:
             await nc.close()
 
+    async def recovery(self, cfg: Config, workdir: Path) -> dict[str, Any]:
+        """The recovery figures (:func:`measure_peer_recovery`) on three servers of its own."""
+        return await measure_peer_recovery(NatsRecovery(self.binary, workdir), cfg)
+
     def settings(self) -> dict[str, Any]:
         return {
             "servers": 3,
@@ -224,6 +222,170 @@ class NatsJetStream(ServerSystem):
 
 async def _expected_error(exc: Exception) -> None:
     pass
+
+
+def _launch(
+    binary: str,
+    base: Path,
+    client_ports: list[int],
+    route_ports: list[int],
+    http_ports: list[int] | None = None,
+) -> list[Process]:
+    """Three ``nats-server`` processes named n1..n3 in one cluster, JetStream on, data in
+    ``base/n<i>``; with ``http_ports``, each also serves its monitoring endpoints."""
+    procs: list[Process] = []
+    for i in range(3):
+        others = ", ".join(f"nats-route://{HOST}:{p}" for j, p in enumerate(route_ports) if j != i)
+        monitor = f"http: {HOST}:{http_ports[i]}\n" if http_ports else ""
+        conf = base / f"n{i + 1}.conf"
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        conf.write_text(
+            f'server_name: "n{i + 1}"\n'
+            f"listen: {HOST}:{client_ports[i]}\n"
+            f"{monitor}"
+            f'jetstream {{ store_dir: "{base / f"n{i + 1}"}" }}\n'
+            f'cluster {{ name: "bench"\n listen: {HOST}:{route_ports[i]}\n'
+            f" routes: [{others}] }}\n"
+        )
+        procs.append(Process(f"nats n{i + 1}", [binary, "-c", str(conf)], base / f"n{i + 1}.log"))
+    return procs
+
+
+class NatsRecovery(PeerCluster):
+    """The recovery workload's R3 file stream on three servers of its own."""
+
+    serving = (
+        "a server serves when its own copy of the stream (its /jsz monitoring endpoint) "
+        "holds every message and follows a stream leader, and a stream info request sent "
+        "through it is answered, naming that server as leader or as a current replica; the "
+        "cluster serves when a stream info request through any server answers the full "
+        "count"
+    )
+
+    def __init__(self, binary: str, workdir: Path) -> None:
+        super().__init__()
+        self.binary = binary
+        self.base = workdir / "nats-recovery"
+        self.ports: list[int] = []
+        self.http_ports: list[int] = []
+
+    def launch(self) -> None:
+        ports = free_ports(9, HOST)
+        self.ports, self.http_ports = ports[:3], ports[6:]
+        self.procs = _launch(self.binary, self.base, self.ports, ports[3:6], self.http_ports)
+        self.names = [f"n{i + 1}" for i in range(3)]
+        self.data_dirs = [self.base / name for name in self.names]
+        say(f"    nats: 3 servers started (pids {[p.pid for p in self.procs]})")
+
+    def _urls(self) -> list[str]:
+        return [f"nats://{HOST}:{p}" for p in self.ports]
+
+    async def ready(self) -> None:
+        import nats
+
+        for port, proc in zip(self.ports, self.procs, strict=True):
+            await wait_tcp(HOST, port, 30.0, proc)
+        nc = await nats.connect(self._urls(), error_cb=_expected_error)
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while True:
+                try:
+                    await _add_r3_stream(nc.jetstream(), RECOVERY_STREAM, RECOVERY_SUBJECT)
+                    return
+                except Exception as exc:  # the meta leader may not be elected yet
+                    if time.monotonic() >= deadline:
+                        raise RuntimeError(f"JetStream stream not created: {exc}") from exc
+                    await asyncio.sleep(0.5)
+        finally:
+            await nc.close()
+
+    async def load(self, items: int) -> None:
+        import nats
+
+        nc = await nats.connect(self._urls(), error_cb=_expected_error)
+        try:
+            # Two chunks in flight: the next chunk goes out while the acks of the one
+            # before come back, so the client never waits with an empty pipe.
+            js = nc.jetstream(timeout=60.0, publish_async_max_pending=2 * LOAD_CHUNK)
+            pending: list[asyncio.Future[Any]] = []
+            for first in range(0, items, LOAD_CHUNK):
+                chunk = [
+                    await js.publish_async(RECOVERY_SUBJECT, recovery_item(seq))
+                    for seq in range(first, min(items, first + LOAD_CHUNK))
+                ]
+                await asyncio.wait_for(asyncio.gather(*pending), 60.0)
+                pending = chunk
+            await asyncio.wait_for(asyncio.gather(*pending), 60.0)
+            stored = int((await js.stream_info(RECOVERY_STREAM)).state.messages)
+        finally:
+            await nc.close()
+        if stored != items:
+            raise RuntimeError(f"published {items} messages, the stream holds {stored}")
+
+    async def _info(self, urls: list[str]) -> Any:
+        """Stream info, asked through one of ``urls`` (the stream leader answers)."""
+        import nats
+
+        nc = await nats.connect(
+            urls,
+            error_cb=_expected_error,
+            allow_reconnect=False,
+            connect_timeout=PROBE_TIMEOUT_S,
+            max_reconnect_attempts=0,
+        )
+        try:
+            return await nc.jetstream(timeout=PROBE_TIMEOUT_S).stream_info(RECOVERY_STREAM)
+        finally:
+            await nc.close()
+
+    def _monitor(self, i: int) -> dict[str, Any]:
+        url = f"http://{HOST}:{self.http_ports[i]}/jsz?accounts=true&streams=true"
+        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S) as answer:
+            return dict(json.load(answer))
+
+    def _local_stream(self, i: int) -> dict[str, Any]:
+        """Server ``i``'s own view of the stream: its copy's state and the leader its
+        replica follows (empty: the server has no copy yet)."""
+        for account in self._monitor(i).get("account_details") or []:
+            for stream in account.get("stream_detail") or []:
+                if stream.get("name") == RECOVERY_STREAM:
+                    return dict(stream)
+        return {}
+
+    async def leaders(self) -> set[int]:
+        # The stream's leader and JetStream's meta leader: with three servers at least
+        # one server leads neither.
+        info = await self._info(self._urls())
+        meta = (await asyncio.to_thread(self._monitor, 0))["meta_cluster"]["leader"]
+        return {self.names.index(info.cluster.leader), self.names.index(meta)}
+
+    async def serves(self, i: int, items: int) -> bool:
+        name = self.names[i]
+        try:
+            # The server's own copy is on disk before the server has rejoined the
+            # cluster: it serves once its replica also follows a leader again (the leader
+            # named in its own view) and a stream info request sent through it names it
+            # as that leader or as a current replica.
+            local = await asyncio.to_thread(self._local_stream, i)
+            if local.get("state", {}).get("messages") != items:
+                return False
+            if not (local.get("cluster") or {}).get("leader"):
+                return False
+            cluster = (await self._info([self._urls()[i]])).cluster
+        except Exception:  # not up yet, no stream leader yet
+            return False
+        if cluster is None:
+            return False
+        if cluster.leader == name:
+            return True
+        return any(p.name == name and p.current for p in cluster.replicas or [])
+
+    async def cluster_serves(self, items: int) -> bool:
+        try:
+            info = await self._info(self._urls())
+        except Exception:  # no server up yet, no stream leader yet
+            return False
+        return int(info.state.messages) == items
 
 
 async def _add_r3_stream(js: Any, name: str, subject: str) -> None:

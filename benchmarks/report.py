@@ -164,10 +164,16 @@ def _error_rows(ran: list[dict[str, Any]], key: str) -> list[list[str]]:
 
 
 def _section(
-    ran: list[dict[str, Any]], key: str, title: str, rows: list[list[str]], header: list[str]
+    ran: list[dict[str, Any]],
+    key: str,
+    title: str,
+    rows: list[list[str]],
+    header: list[str],
+    legend: list[str] | None = None,
 ) -> list[str]:
-    """A workload's table (its rows, then a row per system whose run of it failed) and the
-    systems that do not measure it, with why; nothing if neither."""
+    """A workload's table (its rows, then a row per system whose run of it failed), the
+    ``legend`` lines under it if there are rows, and the systems that do not measure it,
+    with why; nothing if neither."""
     rows = rows + _error_rows(ran, key)
     notes = _not_measured(ran, key)
     if not rows and not notes:
@@ -175,6 +181,8 @@ def _section(
     lines = ["", f"### {title}", ""]
     if rows:
         lines += _table(header, rows)
+        if legend:
+            lines += ["", *legend]
     return lines + notes
 
 
@@ -249,6 +257,14 @@ def _recovery_section(ran: list[dict[str, Any]]) -> list[str]:
                 _mb_list(r["data_dir_mb"]),
             ]
         )
+    # Each system has its own test of "serves" and restarts as its "follower" a server
+    # that leads nothing: the table's times are read with these lines.
+    serving = [
+        f"- {s['name']} (restarted {s['recovery'].get('follower', '?')}): "
+        f"{s['recovery']['serving']}"
+        for s in ran
+        if s.get("recovery", {}).get("serving")
+    ]
     return _section(
         ran,
         "recovery",
@@ -267,6 +283,7 @@ def _recovery_section(ran: list[dict[str, Any]]) -> list[str]:
             "after cluster restart, MB per million",
             "data folder, MB",
         ],
+        ["Serving means:", *serving] if serving else None,
     )
 
 

@@ -269,3 +269,52 @@ def test_markdown_has_the_failover_recovery_and_futures_tables() -> None:
     assert "| dask-queue | 1,000 | 5,000 | 4,000 | yes | 4.00x | 1.00x |" in text
     assert "Not measured (they hold no Dask futures): redis" in text
     assert "### 16 B items" not in text  # no throughput phase ran
+
+
+def test_markdown_puts_every_systems_recovery_in_one_table() -> None:
+    from benchmarks.recovery import ITEM_BYTES, _figures, recovery_item
+
+    assert len(recovery_item(5)) == ITEM_BYTES
+    assert recovery_item(5)[:8] == (5).to_bytes(8, "big")
+
+    def recovery(server: str, load_rate: float, follower_s: float, serving: str) -> dict:
+        mb = 1_000_000
+        figures = _figures(
+            items=100_000,
+            rate=load_rate,
+            data=[3 * mb] * 3,
+            empty=[20 * mb, 20 * mb, None],
+            loaded=[30 * mb, 40 * mb, None],
+            follower=server,
+            follower_s=follower_s,
+            follower_rss=25 * mb,
+            cluster_s=2.0,
+            every_s=2.5,
+            restarted=[22 * mb, 24 * mb, None],
+        )
+        return {**figures, "serving": serving}
+
+    run = {
+        "config": {"producers": [1, 8], "item_sizes": [16]},
+        "systems": [
+            {"name": "raftchan", "recovery": recovery("n2", 50_000.0, 0.5, "status ready")},
+            {"name": "nats-js-r3", "recovery": recovery("n3", 20_000.0, 1.25, "replica current")},
+            {"name": "etcd", "recovery": recovery("e1", 30_000.0, 0.4, "linearizable count")},
+            {"name": "redis", "recovery": {"error": "TimeoutError: not serving"}},
+            {"name": "dask-queue", "recovery_unsupported": "nothing on disk"},
+        ],
+    }
+    text = report.markdown(run)
+    assert text.count("### Recovery") == 1
+    growth = "100.0 / 200.0 / - | 20.0 / 40.0 / - | 3.0 / 3.0 / 3.0 |"
+    assert "| raftchan | 100,000 | 50,000 | 0.50 | 2.00 | 2.50 | 20.0 / 20.0 / - |" in text
+    assert "| nats-js-r3 | 100,000 | 20,000 | 1.25 | 2.00 | 2.50 |" in text
+    assert "| etcd | 100,000 | 30,000 | 0.40 | 2.00 | 2.50 | 20.0 / 20.0 / - |" in text
+    assert text.count(growth) == 3
+    assert "| redis | ERROR: TimeoutError: not serving |" in text
+    assert "- nats-js-r3 (restarted n3): replica current" in text
+    assert "- etcd (restarted e1): linearizable count" in text
+    assert "- dask-queue: nothing on disk" in text
+    # The legend comes right under the table, before the systems not measured.
+    assert text.index("Serving means:") < text.index("- etcd (restarted e1)")
+    assert text.index("- etcd (restarted e1)") < text.index("Not measured:")
