@@ -52,6 +52,7 @@ SYSTEM_NAMES = (
     "nats",
     "redis",
     "redis-r3",
+    "redis-r3-batch",
     "etcd",
 )
 
@@ -62,7 +63,7 @@ def _systems() -> dict[str, Callable[[], System]]:
     from .peer_nats import NatsJetStream
     from .peer_pysyncobj import BatchedPysyncobj, PlainPysyncobj
     from .peer_raftchan import Raftchan
-    from .peer_redis import RedisStreams, ReplicatedRedisStreams
+    from .peer_redis import BatchedRedisStreams, RedisStreams, ReplicatedRedisStreams
 
     return {
         "raftchan": Raftchan,
@@ -72,6 +73,7 @@ def _systems() -> dict[str, Callable[[], System]]:
         "nats": NatsJetStream,
         "redis": RedisStreams,
         "redis-r3": ReplicatedRedisStreams,
+        "redis-r3-batch": BatchedRedisStreams,
         "etcd": Etcd,
     }
 
@@ -136,23 +138,29 @@ async def _workload(
 async def _append_phases(system: System, cfg: Config, result: dict[str, Any]) -> None:
     acked = 0
 
+    async def count(ack: Awaitable[None]) -> None:
+        nonlocal acked
+        await ack
+        acked += 1
+
     def counted(append: Appender) -> Appender:
-        async def wrapped(item: bytes) -> None:
-            nonlocal acked
-            await append(item)
-            acked += 1
+        def wrapped(item: bytes) -> Awaitable[None]:
+            # The appender is called now, not when the producer awaits the result: one
+            # that takes the item over on the call (a BatchingAppender) must get it then.
+            return count(append(item))
 
         return wrapped
 
     for size in cfg.item_sizes:
         for n in cfg.producers if "throughput" in cfg.workloads else ():
+            in_flight = f", {system.window} items in flight each" if system.window > 1 else ""
             say(
-                f"  {system.name}: throughput, {n} producer(s), {size} B, "
+                f"  {system.name}: throughput, {n} producer(s){in_flight}, {size} B, "
                 f"{cfg.throughput_s:g} s ..."
             )
             appenders = [counted(a) for a in await system.open_appenders(n, cfg.shared_client)]
             try:
-                figures = await throughput(appenders, cfg, size)
+                figures = await throughput(appenders, cfg, size, system.window)
             finally:
                 await system.close_appenders()
             result["throughput"].append(figures)

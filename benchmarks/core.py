@@ -3,8 +3,10 @@
 Every system under test is a :class:`System`: it starts its servers for real on
 loopback, hands out *appenders* (one per producer: an ``async`` function that appends one
 item and returns only once the system acknowledged it as committed or replicated, by its
-own definition) and stops everything it started, by pid. The workloads below are the same
-for every system, so the figures of one run can be compared with each other.
+own definition; or a :class:`BatchingAppender`, whose awaitable completes when the batch
+holding the item was acknowledged) and stops everything it started, by pid. The workloads
+below are the same for every system, so the figures of one run can be compared with each
+other.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import dataclasses
 import importlib
 import importlib.metadata
+import inspect
 import math
 import os
 import shutil
@@ -30,6 +33,73 @@ from typing import IO, Any
 Appender = Callable[[bytes], Awaitable[None]]
 #: Appends several items in this order; returns once every one is acknowledged.
 Publisher = Callable[[list[bytes]], Awaitable[None]]
+
+
+class BatchingAppender:
+    """An :data:`Appender` for a system that acknowledges items in batches.
+
+    Calling it hands one item over at once and returns, without waiting, an awaitable for
+    the item's acknowledgement. The items handed over go out together, as one call of
+    ``publish``, as soon as ``max_items`` of them are waiting or the producer gives control
+    back to the event loop (it awaits), whichever comes first. The awaitable (one future,
+    shared by the items of a batch) completes when the batch's ``publish`` returned, or
+    fails with its error. A producer that awaits each item before handing over the next
+    therefore sends batches of one.
+    """
+
+    def __init__(self, publish: Publisher, max_items: int) -> None:
+        if max_items < 1:
+            raise ValueError(f"max_items must be at least 1, not {max_items}")
+        self._publish = publish
+        self.max_items = max_items
+        self._items: list[bytes] = []
+        self._batch: asyncio.Future[None] | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def __call__(self, item: bytes) -> asyncio.Future[None]:
+        batch = self._batch
+        if batch is None:
+            loop = asyncio.get_running_loop()
+            batch = self._batch = loop.create_future()
+            # Runs once the producer yields to the event loop: whatever it handed over
+            # until then goes out, so an item never waits for others that may not come.
+            loop.call_soon(self._flush, batch)
+        self._items.append(item)
+        if len(self._items) >= self.max_items:
+            self._flush(batch)
+        return batch
+
+    def _flush(self, batch: asyncio.Future[None]) -> None:
+        if batch is not self._batch:
+            return  # already sent (it filled up before the producer yielded)
+        items, self._items, self._batch = self._items, [], None
+        task = asyncio.get_running_loop().create_task(self._send(items, batch))
+        # The event loop keeps only weak references to tasks.
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, items: list[bytes], batch: asyncio.Future[None]) -> None:
+        try:
+            await self._publish(items)
+        except asyncio.CancelledError:
+            batch.cancel()
+            raise
+        except Exception as exc:
+            if not batch.done():
+                batch.set_exception(exc)
+        else:
+            if not batch.done():
+                batch.set_result(None)
+
+    def cancel(self) -> None:
+        """Drop the items not sent yet and cancel the batches being sent (their items'
+        awaitables are cancelled): for closing a phase that failed."""
+        if self._batch is not None:
+            self._batch.cancel()
+        self._items, self._batch = [], None
+        for task in self._sending:
+            task.cancel()
+
 
 #: Appends each producer makes before a timed phase (connecting, finding the leader).
 WARMUP_APPENDS = 5
@@ -163,6 +233,10 @@ class System:
     no_futures = "only raftchan and Dask Queue hold Dask futures"
     #: How the failover producers' clients find the new leader (for the report).
     failover_client = ""
+    #: Throughput workload: items each producer hands to its appender before it waits for
+    #: their acknowledgements. 1 (one append in flight per producer) but for a system whose
+    #: appenders acknowledge items in batches (:class:`BatchingAppender`).
+    window = 1
 
     def start(self, workdir: Path) -> None:
         raise NotImplementedError
@@ -327,10 +401,16 @@ def latency_summary(seconds: Sequence[float]) -> dict[str, Any]:
 # Workloads
 
 
-async def throughput(appenders: list[Appender], cfg: Config, item_bytes: int) -> dict[str, Any]:
-    """Closed loop: each producer keeps exactly one acknowledged append outstanding, so
-    ``len(appenders)`` is the number of appends in flight. Items per second over the wall
-    time from the start until the last producer's last acknowledgement."""
+async def throughput(
+    appenders: list[Appender], cfg: Config, item_bytes: int, window: int = 1
+) -> dict[str, Any]:
+    """Closed loop: each producer hands ``window`` items to its appender, waits until every
+    one of them was acknowledged and only then hands over the next ones, so
+    ``len(appenders) * window`` appends are in flight (``window`` is 1 for every system
+    that acknowledges one item per call). An item's latency runs from the moment its
+    producer started handing over its round of ``window`` items until the item's
+    acknowledgement. Items per second over the wall time from the start until the last
+    producer's last acknowledgement."""
     payload = b"x" * item_bytes
     await asyncio.gather(*(_warm(a, payload) for a in appenders))
     latencies: list[float] = []
@@ -348,13 +428,38 @@ async def throughput(appenders: list[Appender], cfg: Config, item_bytes: int) ->
             await append(payload)
             record(clock() - begin)
 
+    async def windowed_producer(append: Appender) -> None:
+        # Every item of a round is handed over (the appender is called) before the first
+        # is awaited, so that a batching appender can send them together; each item's
+        # acknowledgement is then taken in turn, and an item is counted as acknowledged
+        # when the producer sees that it was.
+        clock = time.perf_counter
+        record = latencies.append
+        left = per_producer
+        while left > 0:
+            begin = clock()
+            if begin >= stop_at:
+                return
+            acks = [append(payload) for _ in range(min(window, left))]
+            left -= len(acks)
+            try:
+                for ack in acks:
+                    await ack
+                    record(clock() - begin)
+            finally:
+                for ack in acks:
+                    if inspect.iscoroutine(ack):
+                        ack.close()  # never awaited if an earlier one failed
+
+    run = producer if window == 1 else windowed_producer
     await asyncio.wait_for(
-        asyncio.gather(*(producer(a) for a in appenders)),
+        asyncio.gather(*(run(a) for a in appenders)),
         cfg.throughput_s + PHASE_GRACE_S,
     )
     wall = time.perf_counter() - started
     return {
         "producers": len(appenders),
+        "window": window,
         "item_bytes": item_bytes,
         "items": len(latencies),
         "seconds": round(wall, 3),

@@ -1,8 +1,11 @@
-"""Redis Streams: one ``redis-server``, or a primary with two replicas and ``WAIT 2``.
+"""Redis Streams: one ``redis-server``; a primary with two replicas and ``WAIT 2`` after
+every append; and a primary with two replicas, in memory only, that acknowledges pipelines
+of up to 100 appends with one ``WAIT 1``.
 
-Every server runs with ``appendonly yes`` and ``appendfsync always``: Redis writes and
-fsyncs its append-only file before it answers a write, which is the durable setting
-comparable to raftchan's fsynced journal. An append is one ``XADD`` to one stream key.
+The first two run every server with ``appendonly yes`` and ``appendfsync always``: Redis
+writes and fsyncs its append-only file before it answers a write, which is the durable
+setting comparable to raftchan's fsynced journal. An append is one ``XADD`` to one stream
+key.
 """
 
 from __future__ import annotations
@@ -15,7 +18,16 @@ from typing import Any
 
 from cluster.ports import free_ports
 
-from .core import Appender, Process, Publisher, ServerSystem, Skipped, say, wait_tcp
+from .core import (
+    Appender,
+    BatchingAppender,
+    Process,
+    Publisher,
+    ServerSystem,
+    Skipped,
+    say,
+    wait_tcp,
+)
 
 HOST = "127.0.0.1"
 STREAM = "bench"
@@ -24,8 +36,10 @@ READY_TIMEOUT_S = 30.0
 WAIT_TIMEOUT_MS = 10_000
 #: Seconds one command may wait for its reply (the harness's own limit per append).
 OP_TIMEOUT_S = 30.0
-#: One of each server's settings; the replicated set adds ``replicaof``.
+#: Persistence settings of each server; the replicated sets add ``replicaof``.
 DURABLE = ("--appendonly", "yes", "--appendfsync", "always", "--save", "")
+#: Neither an append-only file nor RDB snapshots: the data lives in memory only.
+MEMORY_ONLY = ("--appendonly", "no", "--save", "")
 
 
 class RedisStreams(ServerSystem):
@@ -37,8 +51,13 @@ class RedisStreams(ServerSystem):
         "in the append-only file, fsynced. Nothing is replicated: a lost disk or machine "
         "loses the stream, and it is unavailable while the server is down."
     )
-    #: Replicas that must acknowledge each XADD (``WAIT n``) before it counts.
+    #: Replicas started beside the primary.
     replicas = 0
+    #: Replicas that must acknowledge each pipeline of XADDs (``WAIT n``) before its
+    #: items count (0: no WAIT).
+    wait_replicas = 0
+    #: Each server's persistence settings.
+    persistence: tuple[str, ...] = DURABLE
     no_failover = "one server: there is nothing to fail over to"
     no_recovery = "the peers' restarts are not part of this harness yet (raftchan only)"
 
@@ -48,6 +67,7 @@ class RedisStreams(ServerSystem):
     def __init__(self) -> None:
         super().__init__()
         self.ports: list[int] = []
+        self.batchers: list[BatchingAppender] = []
 
     def start(self, workdir: Path) -> None:
         self.require()
@@ -67,7 +87,7 @@ class RedisStreams(ServerSystem):
                 str(folder),
                 "--daemonize",
                 "no",
-                *DURABLE,
+                *self.persistence,
             ]
             if i > 0:
                 argv += ["--replicaof", HOST, str(self.ports[0])]
@@ -124,10 +144,26 @@ class RedisStreams(ServerSystem):
         return appenders
 
     def _appender(self, client: Any) -> Appender:
+        if self.window > 1:
+            # Up to ``window`` items a pipeline: the producer's items handed over before it
+            # awaits them (the throughput workload hands over ``window`` at a time).
+            async def publish(items: list[bytes]) -> None:
+                await self._xadd(client, STREAM, items)
+
+            batcher = BatchingAppender(publish, self.window)
+            self.batchers.append(batcher)
+            return batcher
+
         async def append(item: bytes) -> None:
             await self._xadd(client, STREAM, [item])
 
         return append
+
+    async def close_appenders(self) -> None:
+        batchers, self.batchers = self.batchers, []
+        for batcher in batchers:
+            batcher.cancel()
+        await super().close_appenders()
 
     async def _xadd(self, client: Any, key: str, items: list[bytes]) -> None:
         """XADD each item in order, then (replicated) WAIT for the replicas, all in one
@@ -135,11 +171,13 @@ class RedisStreams(ServerSystem):
         async with client.pipeline(transaction=False) as pipe:
             for item in items:
                 pipe.xadd(key, {"v": item})
-            if self.replicas:
-                pipe.wait(self.replicas, WAIT_TIMEOUT_MS)
+            if self.wait_replicas:
+                pipe.wait(self.wait_replicas, WAIT_TIMEOUT_MS)
             replies = await pipe.execute()
-        if self.replicas and int(replies[-1]) < self.replicas:
-            raise RuntimeError(f"WAIT {self.replicas}: only {replies[-1]} replicas acknowledged")
+        if self.wait_replicas and int(replies[-1]) < self.wait_replicas:
+            raise RuntimeError(
+                f"WAIT {self.wait_replicas}: only {replies[-1]} replicas acknowledged"
+            )
 
     async def open_fanout(
         self, topic: str, subscribers: int
@@ -177,11 +215,14 @@ class RedisStreams(ServerSystem):
             await client.aclose()
 
     def settings(self) -> dict[str, Any]:
+        durable = self.persistence == DURABLE
         return {
             "servers": 1 + self.replicas,
-            "appendonly": "yes",
-            "appendfsync": "always",
-            "wait_replicas": self.replicas,
+            "appendonly": "yes" if durable else "no",
+            "appendfsync": "always" if durable else None,
+            "rdb_snapshots": False,
+            "wait_replicas": self.wait_replicas,
+            "xadds_per_pipeline": self.window,
             "client": "redis.asyncio; one connection pool per client",
         }
 
@@ -197,10 +238,30 @@ class ReplicatedRedisStreams(RedisStreams):
         "so a replica's fsync is not part of the promise). No automatic failover without "
         "Sentinel, and a failover may still lose acknowledged writes."
     )
-    replicas = 2
+    replicas = wait_replicas = 2
     no_failover = (
         "Redis promotes no replica by itself (that takes Sentinel or a "
         "Redis Cluster, neither started here), so after the primary's SIGKILL every append "
         "fails until it is back; and since replication is asynchronous, a promoted replica "
         "may lack acknowledged writes"
     )
+
+
+class BatchedRedisStreams(ReplicatedRedisStreams):
+    """A primary and two replicas in memory only; each producer's items go out in
+    pipelines of up to 100 XADDs followed by one ``WAIT 1``."""
+
+    name = "redis-r3-batch"
+    guarantees = (
+        "1 primary + 2 replicas (asynchronous replication), in memory only (appendonly no, "
+        "no RDB snapshots): nothing is written to disk or fsynced on any server. A producer "
+        "sends up to 100 XADDs and one WAIT 1 in a pipeline; those items are acknowledged "
+        "once that WAIT returned at least 1: the primary and at least one replica hold them "
+        "in memory. The other replica may lack them. A restarted primary comes back empty "
+        "(and so do replicas that resync from it); a power loss loses everything. No "
+        "automatic failover without Sentinel, and since replication is asynchronous a "
+        "failover may lose acknowledged writes."
+    )
+    wait_replicas = 1
+    persistence = MEMORY_ONLY
+    window = 100

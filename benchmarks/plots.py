@@ -126,7 +126,10 @@ def _throughput(run: dict[str, Any], size: int, stem: Path) -> Path:
         )
         if points:
             xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, label=s["name"], linewidth=2, markersize=7, **styles[s["name"]])
+            # A batching system's producers each have ``window`` appends in flight, not one.
+            window = max(t.get("window", 1) for t in s.get("throughput", []))
+            label = s["name"] if window == 1 else f"{s['name']} ({window} in flight/producer)"
+            ax.plot(xs, ys, label=label, linewidth=2, markersize=7, **styles[s["name"]])
     ax.set_xscale("log")
     ax.set_xticks(producers, [str(n) for n in producers])
     ax.minorticks_off()
