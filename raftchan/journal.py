@@ -28,7 +28,7 @@ Test aid: when the environment variable ``RAFTCHAN_TEST_COMPACTION_PAUSE`` holds
 of seconds, every compaction (:meth:`DurableJournal.deleteEntriesTo`) logs the WARNING
 "compaction paused for tests" once the new journal is written and fsynced, then sleeps that
 long before renaming it into place. A fault test waits for that line and kills the node,
-which is otherwise a window of microseconds. It blocks the node's Raft ticks, so it has
+which is otherwise a window of microseconds. It blocks pysyncobj's tick thread, so it has
 no place outside tests; other rewrites (creating the file, recovery, :meth:`clear`) never
 pause.
 """
@@ -107,8 +107,8 @@ def _write_all(fd: int, data: bytes) -> None:
 class DurableJournal(pysyncobj.journal.Journal):
     """pysyncobj's Raft log, as a list of ``(command, index, term)`` tuples kept on disk.
 
-    pysyncobj calls this from its ticks. :meth:`sync` may be called from another thread
-    as well; every mutation holds an internal lock.
+    pysyncobj calls this from its tick thread. :meth:`sync` may be called from another
+    thread as well; every mutation holds an internal lock.
 
     Durability when each call returns (with ``fsync=True``):
 

@@ -11,10 +11,9 @@ What this module owns:
   acknowledgement means "on my disk"); the leader syncs right after sending new entries
   and before it counts its own copy toward a commit, and before any applied result is
   handed to a client. All are cheap when nothing is dirty.
-- **One thread.** pysyncobj runs on the node's asyncio loop (:mod:`raftchan.loop_ticker`):
-  its network I/O, applies and callbacks happen in loop callbacks, and results reach the
-  server with ``call_soon``. The state is mutated only there; other threads (the HTTP
-  endpoint, Dask's) read it under :attr:`Replica.lock`.
+- **Threads.** pysyncobj runs one tick thread for network I/O, applies and callbacks. The
+  state is mutated only there, under :attr:`Replica.lock`; results are handed to asyncio
+  with ``call_soon_threadsafe``.
 - **Outcomes.** pysyncobj's LEADER_CHANGED, DISCARDED and UNKNOWN_OUTCOME all become
   :class:`~raftchan.errors.CommitUnknown`: the command may still commit, and only the
   state's de-duplication makes a retry safe.
@@ -60,7 +59,6 @@ from raftchan.errors import (
     RaftchanError,
 )
 from raftchan.limits import Limits
-from raftchan.loop_ticker import LoopPoller, Ticker, install_loop_poller
 from raftchan.peer_connection import install_message_bound
 from raftchan.state import ChannelState, Result
 
@@ -95,10 +93,6 @@ def peer_message_bytes(limits: Limits) -> int:
 #: election (each at a random point, so that they rarely split the vote).
 _EARLY_ELECTION_WINDOW = 0.1
 
-
-#: The longest pause between two Raft ticks when nothing happens (pysyncobj's default);
-#: heartbeats and election deadlines get a tick of their own at their time.
-_TICK_PERIOD = 0.05
 
 #: How long a leader that applied entries waits for a new command to carry the commit
 #: index to its followers before it sends a message of its own for it (seconds).
@@ -223,7 +217,7 @@ class _RaftNode(SyncObj):
     ) -> None:
         self._raftchan_apply = apply
         self._raftchan_journal = journal
-        #: Why the last membership change this leader refused was refused (set in a tick).
+        #: Why the last membership change this leader refused was refused (tick thread).
         self.raftchan_refusal: str | None = None
         #: When the commit index applied last must go out if no command carries it first.
         self._commit_notice_due: float | None = None
@@ -235,24 +229,18 @@ class _RaftNode(SyncObj):
     def _onTick(self, timeToWait: float = 0.0) -> None:  # noqa: N802, N803 - pysyncobj's
         # A leader counts itself toward every entry's majority. It sends new entries before
         # its own fsync, so it must sync before it counts: at the start of each tick, where
-        # it counts, and at its end (above). Entries appended between ticks (the no-op of
+        # it counts, and at its end (above). Entries appended while it waited (the no-op of
         # a new term) are the ones the first sync is for. Both are free when nothing is new.
         self._raftchan_journal.sync()
         due = self._commit_notice_due
-        if due is not None and time.monotonic() >= due:
-            self._commit_notice_due = None
-            self._SyncObj__newAppendEntriesTime = 0.0  # send this tick
+        if due is not None:
+            now = time.monotonic()
+            if now >= due:
+                self._commit_notice_due = None
+                self._SyncObj__newAppendEntriesTime = 0.0  # send this tick
+            else:
+                timeToWait = min(timeToWait, due - now)
         super()._onTick(timeToWait)
-
-    def raftchan_next_deadline(self) -> float | None:
-        """When the next tick is due (``time.monotonic``): the commit notice, and the
-        heartbeat (leader) or the election deadline (others)."""
-        if self._isLeader():
-            timer = float(self._SyncObj__newAppendEntriesTime)
-        else:
-            timer = float(self._SyncObj__raftElectionDeadline)
-        due = self._commit_notice_due
-        return timer if due is None else min(due, timer)
 
     def _SyncObj__applyLogEntries(self) -> bool:  # noqa: N802 - overrides it
         # pysyncobj tells the followers the new commit index right after every apply: two
@@ -275,7 +263,7 @@ class _RaftNode(SyncObj):
         return self._raftchan_apply(command)
 
     def _SyncObj__changeCluster(self, request: Any) -> bool:  # noqa: N802 - overrides it
-        # Called on the leader in a tick right before a change is appended, so
+        # Called on the leader in the tick thread right before a change is appended, so
         # the check and the append are one step. pysyncobj's own guard against a second
         # change in flight is never armed (measured); this is it. The leader must also
         # have applied the no-op of its term (pysyncobj checks that itself).
@@ -315,12 +303,11 @@ class _RaftNode(SyncObj):
 class Replica:
     """One node's copy of the replicated channel state.
 
-    Construct, use and close it on the node's asyncio loop, which also runs Raft.
-    ``on_applied(position)``, ``on_role_changed()`` and ``on_fatal(reason)`` are called
-    soon after a Raft tick (never inside one); after ``on_fatal`` the node must stop.
-    ``on_snapshot_written(seconds)`` is called inside the tick after each snapshot
-    written, with the time it took; it must be quick and must not call back into Raft.
-    Other threads read :attr:`state` only while holding :attr:`lock`.
+    ``on_applied(position)``, ``on_role_changed()`` and ``on_fatal(reason)`` are called on
+    the asyncio loop (never in pysyncobj's thread); after ``on_fatal`` the node must stop.
+    ``on_snapshot_written(seconds)`` is called in pysyncobj's thread after each snapshot
+    written, with the time it took; it must be quick and thread-safe.
+    Read :attr:`state` only while holding :attr:`lock`.
     """
 
     def __init__(
@@ -359,8 +346,6 @@ class Replica:
         self._startup_load_pending = os.path.isfile(snapshot_path)
         journal_module.install_journal_factory()
         install_message_bound(peer_message_bytes(config.limits))
-        install_loop_poller()
-        self._poller = LoopPoller(loop)
         journal_module.register_journal(journal_path, self.journal)
 
         tuning = config.raft
@@ -372,9 +357,6 @@ class Replica:
             # A serializer turns fork off anyway; say so, since a forked child would
             # snapshot a state another thread may be mutating.
             useFork=False,
-            # No tick thread: the Ticker below runs the ticks on this node's loop.
-            autoTick=False,
-            pollerType=self._poller,
             # Send each command at once instead of every append_entries_period: group
             # commit already batches, and a lone client must not wait for the period.
             appendEntriesUseBatch=False,
@@ -409,19 +391,6 @@ class Replica:
             conf=conf,
             transportClass=self._transport_class,
         )
-        self._ticker = Ticker(
-            loop,
-            functools.partial(self._node.doTick, 0.0),
-            _TICK_PERIOD,
-            self._node.raftchan_next_deadline,
-        )
-        self._poller.on_event = self._ticker.wake
-        # pysyncobj wakes its own tick thread through a pipe when a command is queued; wake
-        # the ticker instead, without the pipe's round trip through the selector.
-        notifier = getattr(self._node, "_SyncObj__pipeNotifier", None)
-        if notifier is not None:
-            notifier.notify = self._ticker.wake
-        self._ticker.start()
 
     def _members_from_disk(self, data_dir: Path, snapshot_path: str) -> list[str]:
         """The membership at the end of this node's log: the snapshot's members (or the
@@ -446,7 +415,7 @@ class Replica:
         logger.info("raft members at start: %s", ",".join(members))
         return members
 
-    # -- called by pysyncobj, inside a tick --------------------------------------------------
+    # -- pysyncobj thread -------------------------------------------------------------------
 
     def _apply(self, command: bytes) -> list[Result]:
         # The leader's own copy must be on disk before any client hears "committed".
@@ -501,7 +470,7 @@ class Replica:
 
     def _state_changed(self, old: int, new: int) -> None:
         # The term goes into the log line so that a test can check that no term ever had
-        # two leaders (runs inside the tick, where the term is current).
+        # two leaders (runs in pysyncobj's thread, which owns the term).
         term = getattr(self._node, "_SyncObj__raftCurrentTerm", None)
         logger.info(
             "raft role %s -> %s (term %s)", _ROLE_NAMES.get(old), _ROLE_NAMES.get(new), term
@@ -509,13 +478,11 @@ class Replica:
         self._call_in_loop(self._on_role_changed)
 
     def _call_in_loop(self, callback: Callable[..., None], *args: Any) -> None:
-        # pysyncobj calls back from inside a tick: run the callback after it, so that no
-        # callback can re-enter pysyncobj halfway through a tick.
         if self._closed:
             return
         # RuntimeError: the loop is closing and nobody is left to tell.
         with contextlib.suppress(RuntimeError):
-            self._loop.call_soon(callback, *args)
+            self._loop.call_soon_threadsafe(callback, *args)
 
     # -- asyncio side -----------------------------------------------------------------------
 
@@ -536,7 +503,7 @@ class Replica:
             else:
                 future.set_exception(error)
 
-        def on_done(result: Any, reason: int) -> None:  # runs inside a tick
+        def on_done(result: Any, reason: int) -> None:  # runs in pysyncobj's thread
             error = None if reason == FAIL_REASON.SUCCESS else self._failure(reason)
             self._call_in_loop(settle, result, error)
 
@@ -668,7 +635,7 @@ class Replica:
             else:
                 future.set_exception(error)
 
-        def on_done(result: Any, reason: int) -> None:  # runs inside a tick
+        def on_done(result: Any, reason: int) -> None:  # runs in pysyncobj's thread
             if reason == FAIL_REASON.SUCCESS:
                 error = None
             elif reason == FAIL_REASON.REQUEST_DENIED:
@@ -709,12 +676,13 @@ class Replica:
         transport = self._node._SyncObj__transport
         transport.blocked = set(peers)
 
-    def close(self) -> None:
-        """Stop ticking, close the Raft connections and sync the journal (on the loop)."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the Raft thread and sync the journal; waits up to ``timeout`` seconds."""
         if self._closed:
             return
         self._closed = True
-        self._ticker.stop()
-        self._node.destroy()  # without a tick thread, this closes everything at once
-        self._poller.close()
+        self._node.destroy()
+        deadline = time.monotonic() + timeout
+        while self._node.tick_thread_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
         self.journal.sync()

@@ -155,7 +155,7 @@ class NodeServer:
         self.committer.fail_pending(CommitUnknown("node is shutting down"))
         if self.keeper is not None:
             await self.keeper.close()
-        self.replica.close()
+        await asyncio.to_thread(self.replica.close)
         logger.info("node %s stopped", self.config.name)
 
     # -- replica callbacks (on the loop) -------------------------------------------------
