@@ -28,6 +28,7 @@ import functools
 import heapq
 import itertools
 import logging
+import math
 import os
 import random
 import ssl
@@ -298,15 +299,22 @@ class _FlushWaiters:
     """Futures waiting for "every append up to ticket T is answered", nearest T first.
 
     Many producers each awaiting their own ``put`` make many waiters; a heap releases the
-    ones an answer completes without looking at the others.
+    ones an answer completes without looking at the others. Each waiter also has a
+    deadline (the loop's clock). One loop timer, armed for the earliest deadline, expires
+    them: a timer of its own per flush cost about as much as the rest of a ``put``.
     """
 
     def __init__(self) -> None:
-        self._heap: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._heap: list[tuple[int, int, asyncio.Future[None], float]] = []
         self._order = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
 
-    def add(self, target: int, future: asyncio.Future[None]) -> None:
-        heapq.heappush(self._heap, (target, next(self._order), future))
+    def add(self, target: int, future: asyncio.Future[None], deadline: float) -> None:
+        """Wait for ticket ``target``; at ``deadline`` the future fails with _FlushExpired."""
+        heapq.heappush(self._heap, (target, next(self._order), future, deadline))
+        if deadline < self._timer_at:
+            self._arm(deadline)
 
     def release_through(self, done: int) -> None:
         """Resolve every waiter whose target is at most ``done``."""
@@ -319,14 +327,42 @@ class _FlushWaiters:
     def fail_all(self, error: BaseException) -> None:
         """Fail every waiter that is still waiting with ``error``, and forget them all."""
         heap, self._heap = self._heap, []
-        for _, _, future in heap:
+        self._disarm()
+        for _, _, future, _ in heap:
             if not future.done():
                 future.set_exception(error)
 
+    def _arm(self, at: float) -> None:
+        self._disarm()
+        self._timer = asyncio.get_running_loop().call_at(at, self._expire_due)
+        self._timer_at = at
 
-def _expire(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_exception(_FlushExpired())
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self._timer_at = math.inf
+
+    def _expire_due(self) -> None:
+        # Runs once per deadline reached, usually that of a waiter released long ago: a
+        # scan of the waiting ones is cheap at that rate. A millisecond of slack keeps a
+        # timer that fires a hair early from re-arming for the same instant.
+        self._timer = None
+        self._timer_at = math.inf
+        now = asyncio.get_running_loop().time() + 0.001
+        waiting = []
+        for entry in self._heap:
+            future, deadline = entry[2], entry[3]
+            if future.done():
+                continue
+            if deadline <= now:
+                future.set_exception(_FlushExpired())
+            else:
+                waiting.append(entry)
+        heapq.heapify(waiting)
+        self._heap = waiting
+        if waiting:
+            self._arm(min(entry[3] for entry in waiting))
 
 
 # ---------------------------------------------------------------------------------------
@@ -957,9 +993,9 @@ class AsyncClient:
             self._ensure_sender()
             loop = asyncio.get_running_loop()
             waiter: asyncio.Future[None] = loop.create_future()
-            self._flushers.add(target, waiter)
-            # One timer, not asyncio.wait's task and callbacks: a put is a flush.
-            timer = loop.call_at(self._deadline(timeout), _expire, waiter)
+            # The waiters' shared timer, not asyncio.wait's task and callbacks: a put is a
+            # flush.
+            self._flushers.add(target, waiter, self._deadline(timeout))
             try:
                 await waiter  # raises Closed if the client was closed meanwhile
             except _FlushExpired:
@@ -972,8 +1008,6 @@ class AsyncClient:
                     f"(they stay queued and keep being retried{cause})",
                     unanswered=unanswered,
                 ) from None
-            finally:
-                timer.cancel()
         error = self._outbox.take_error(target)
         if error is not None:
             raise error

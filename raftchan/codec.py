@@ -86,7 +86,8 @@ class ItemCodec:
             # e.g. a str with lone surrogates, or a structure nested too deeply
             name = type(item).__name__
             raise ItemNotEncodable(f"cannot encode {name} item: {exc}", type=name) from None
-        _check_decodable(data, item)
+        if type(item) not in SCALAR_TYPES:  # a scalar's encoding always decodes back
+            _check_decodable(data, item)
         if self.max_item_bytes is not None and len(data) > self.max_item_bytes:
             raise LimitExceeded(
                 f"item of {len(data)} bytes exceeds max_item_bytes={self.max_item_bytes}",
@@ -130,6 +131,10 @@ class _Unsupported(Exception):
             f"cannot encode an item containing a value of type {self.type_name!r} "
             "(msgpack has no such type)"
         )
+
+
+#: Item types msgpack encodes without containers, hooks or keys.
+SCALAR_TYPES = frozenset({bytes, str, int, float, bool, type(None)})
 
 
 def _check_decodable(data: bytes, item: Any) -> None:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from raftchan.codec import Encoded, ItemCodec
+from raftchan.codec import SCALAR_TYPES, Encoded, ItemCodec
 from raftchan.errors import FutureLost, ItemNotEncodable
 from raftchan.limits import DEFAULT_LIMITS
 
@@ -134,6 +134,9 @@ class DaskCodec(ItemCodec):
         records: list[Encoded] = []
         pins: dict[int, tuple[DaskClient, list[Any]]] = {}
         for item in items:
+            if type(item) in SCALAR_TYPES:  # no future can hide in it
+                records.append(Encoded(self.encode(item)))
+                continue
             self._local.found = []
             try:
                 data = self.encode(item)
