@@ -222,8 +222,10 @@ class _RaftNode(SyncObj):
         #: When the commit index applied last must go out if no command carries it first.
         self._commit_notice_due: float | None = None
         super().__init__(**kwargs)
-        # The last step of every tick, right before it waits for messages: the entries
-        # this tick appended and sent are synced while the followers store them.
+        # Steps at the end of every tick, after its new commands went out:
+        self.addOnTickCallback(self._send_commit_notice_if_due)
+        # and last, right before it waits for messages: the entries this tick appended
+        # and sent are synced while the followers store them.
         self.addOnTickCallback(journal.sync)
 
     def _onTick(self, timeToWait: float = 0.0) -> None:  # noqa: N802, N803 - pysyncobj's
@@ -234,13 +236,19 @@ class _RaftNode(SyncObj):
         self._raftchan_journal.sync()
         due = self._commit_notice_due
         if due is not None:
-            now = time.monotonic()
-            if now >= due:
-                self._commit_notice_due = None
-                self._SyncObj__newAppendEntriesTime = 0.0  # send this tick
-            else:
-                timeToWait = min(timeToWait, due - now)
+            timeToWait = min(timeToWait, max(0.0, due - time.monotonic()))
         super()._onTick(timeToWait)
+
+    def _send_commit_notice_if_due(self) -> None:
+        # Called after the tick's commands were sent: when one was, it carried the commit
+        # index and cleared the due time. A notice of its own ahead of a command would
+        # make each follower apply (and answer) before it even stores the new entries.
+        due = self._commit_notice_due
+        if due is None or time.monotonic() < due:
+            return
+        self._commit_notice_due = None
+        if self._isLeader():
+            self._SyncObj__sendAppendEntries()
 
     def _SyncObj__applyLogEntries(self) -> bool:  # noqa: N802 - overrides it
         # pysyncobj tells the followers the new commit index right after every apply: two
