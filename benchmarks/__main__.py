@@ -46,6 +46,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: Every system ``--systems`` knows, in the order a run measures them.
 SYSTEM_NAMES = (
     "raftchan",
+    "raftchan-nofsync",
     "dask-queue",
     "pysyncobj",
     "pysyncobj-batched",
@@ -62,11 +63,12 @@ def _systems() -> dict[str, Callable[[], System]]:
     from .peer_etcd import Etcd
     from .peer_nats import NatsJetStream
     from .peer_pysyncobj import BatchedPysyncobj, PlainPysyncobj
-    from .peer_raftchan import Raftchan
+    from .peer_raftchan import Raftchan, RaftchanNoFsync
     from .peer_redis import BatchedRedisStreams, RedisStreams, ReplicatedRedisStreams
 
     return {
         "raftchan": Raftchan,
+        "raftchan-nofsync": RaftchanNoFsync,
         "dask-queue": DaskQueue,
         "pysyncobj": PlainPysyncobj,
         "pysyncobj-batched": BatchedPysyncobj,

@@ -11,7 +11,7 @@ from typing import Any
 import raftchan
 from cluster.harness import LocalCluster
 
-from .core import Appender, Config, Publisher, Skipped, System, say
+from .core import Appender, Config, Publisher, Skipped, System, Unsupported, say
 from .futures import DaskProcesses, measure_futures
 from .recovery import measure_recovery
 
@@ -39,9 +39,14 @@ class Raftchan(System):
         self.cluster: LocalCluster | None = None
         self.clients: list[raftchan.AsyncClient] = []
 
+    #: More ``raftchan node`` arguments (none: the node defaults).
+    node_args: tuple[str, ...] = ()
+
     def start(self, workdir: Path) -> None:
         # Default Raft timing and the default fsync policy: what a deployment gets.
-        self.cluster = LocalCluster(3, workdir / "raftchan", tuning=None)
+        self.cluster = LocalCluster(
+            3, workdir / self.name, tuning=None, extra_args=list(self.node_args)
+        )
         self.cluster.start()
         try:
             self.cluster.wait_ready(READY_TIMEOUT_S)
@@ -195,3 +200,36 @@ class Raftchan(System):
 
     def settings(self) -> dict[str, Any]:
         return {"nodes": 3, "tuning": "node defaults", "fsync": "always (node default)"}
+
+
+class RaftchanNoFsync(Raftchan):
+    """raftchan with ``--fsync never``: the same nodes, journal writes left to the OS.
+
+    Measured beside the default to show what the fsyncs cost, and to compare like with
+    like against the peers that acknowledge from memory (NATS JetStream's default,
+    ``redis-r3-batch``). Only the append and fan-out workloads: failover, recovery and
+    futures do not depend on the fsync policy.
+    """
+
+    name = "raftchan-nofsync"
+    guarantees = (
+        "as raftchan, but with --fsync never: a majority has the entry in its journal "
+        "file (the OS page cache), which survives killed processes, not a power loss of "
+        "a majority of machines."
+    )
+    node_args = ("--fsync", "never")
+    no_failover = no_recovery = no_futures = (
+        "measured with the node default (raftchan); the fsync policy does not change it"
+    )
+
+    async def open_failover(self, n: int, op_timeout: float) -> list[Appender]:
+        raise Unsupported(self.no_failover)
+
+    async def recovery(self, cfg: Config, workdir: Path) -> dict[str, Any]:
+        raise Unsupported(self.no_recovery)
+
+    async def futures(self, cfg: Config, workdir: Path) -> dict[str, Any]:
+        raise Unsupported(self.no_futures)
+
+    def settings(self) -> dict[str, Any]:
+        return {"nodes": 3, "tuning": "node defaults", "fsync": "never"}
