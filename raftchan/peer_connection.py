@@ -30,6 +30,7 @@ import pysyncobj.pickle
 import pysyncobj.tcp_connection
 import pysyncobj.tcp_server
 import pysyncobj.transport
+from pysyncobj.poller import POLL_EVENT_TYPE
 
 __all__ = [
     "UNAUTHENTICATED_MESSAGE_BYTES",
@@ -95,6 +96,17 @@ class BoundedTcpConnection(pysyncobj.tcp_connection.TcpConnection):
             data = self.encryptor.encrypt_at_time(data, int(_monotonic()))
         self._TcpConnection__writeBuffer += _FRAME_HEADER.pack(len(data)) + data
         self._TcpConnection__trySendBuffer()
+        if self._TcpConnection__writeBuffer and self._TcpConnection__fileno is not None:
+            # The socket took only part of it. pysyncobj watches a connected socket for
+            # writability only while handling a writable event, so the rest would wait
+            # for the next message to this peer (a heartbeat, up to 75 ms later): every
+            # batch larger than the socket buffer stalled that long (64 producers of
+            # 4 KiB random items: 422 items/s). Ask to hear when it can take more.
+            self._TcpConnection__poller.subscribe(
+                self._TcpConnection__fileno,
+                self._TcpConnection__processConnection,
+                POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.WRITE | POLL_EVENT_TYPE.ERROR,
+            )
 
     def _TcpConnection__processParseMessage(self) -> Any:  # noqa: N802 - pysyncobj's name
         message = super()._TcpConnection__processParseMessage()

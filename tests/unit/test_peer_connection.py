@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import struct
+import time
 import zlib
 
 import pysyncobj.pickle
 import pytest
+from pysyncobj.poller import PollPoller
 
-from raftchan.peer_connection import stored_zlib
+from raftchan.peer_connection import BoundedTcpConnection, stored_zlib
 
 
 @pytest.mark.parametrize("size", [0, 1, 300, 65_535, 65_536, 200_000])
@@ -24,3 +29,35 @@ def test_a_message_is_stored_not_compressed() -> None:
     framed = stored_zlib(data)
     assert len(data) < len(framed) < len(data) + 64
     assert pysyncobj.pickle.loads(zlib.decompress(framed)) == message
+
+
+def test_a_message_larger_than_the_socket_buffer_goes_out_whole_without_a_next_send() -> None:
+    # pysyncobj left what the socket did not take in its buffer until the next message to
+    # the same peer; a leader's batch then waited for the next heartbeat.
+    sender_socket, receiver = socket.socketpair()
+    sender_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    sender_socket.setblocking(False)
+    receiver.setblocking(False)
+    poller = PollPoller()
+    connection = BoundedTcpConnection(poller, socket=sender_socket, timeout=30.0)
+    try:
+        poller.poll(0.05)  # the first writable event: pysyncobj stops watching for more
+        message = {"type": "append_entries", "entries": [(os.urandom(1_000_000), 7, 2)]}
+        connection.send(message)
+        received = bytearray()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            poller.poll(0.01)  # no further send: only the poller can move the rest
+            with contextlib.suppress(BlockingIOError):
+                while chunk := receiver.recv(1 << 16):
+                    received += chunk
+            if len(received) >= 4 and len(received) >= 4 + struct.unpack("i", received[:4])[0]:
+                break
+        (length,) = struct.unpack("i", received[:4])
+        framed = bytes(received[4 : 4 + length])
+        assert len(framed) == length
+        assert pysyncobj.pickle.loads(zlib.decompress(framed)) == message
+    finally:
+        connection.disconnect()
+        receiver.close()
