@@ -1,0 +1,81 @@
+"""Receiving a snapshot the leader sends in chunks: install it only when it is whole.
+
+pysyncobj writes the chunks of a leader's snapshot to a temporary file and, on the last
+one, renames it over the node's own snapshot before anything reads it. A transfer that
+lost chunks on the way (a connection that closed with chunks in its buffer, the leader
+resuming after it) then replaced a good snapshot with one that has a hole in it: the
+node stopped on loading it and could not start again. :class:`SnapshotReceiver` takes
+the chunks instead and renames the file into place only after it verified it (size and
+checksums, as :func:`raftchan.snapshot.read_snapshot_meta` does). A damaged transfer is
+thrown away and refused; the leader sends the snapshot again when the node's answers
+show it still lacks the entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import BinaryIO
+
+from raftchan.snapshot import SnapshotCorrupt, read_snapshot_meta
+
+__all__ = ["SnapshotReceiver"]
+
+logger = logging.getLogger(__name__)
+
+
+class SnapshotReceiver:
+    """Collects one transfer at a time into ``<path>.incoming``; see the module doc.
+
+    :meth:`receive` takes what pysyncobj's ``Serializer.setTransmissionData`` takes, a
+    ``(chunk, is_first, is_last)`` tuple or None, and returns True only when a whole,
+    verified snapshot now is at ``path``.
+    """
+
+    def __init__(self, path: str) -> None:
+        """Also removes what a transfer cut short by a crash left behind."""
+        self.path = path
+        self.incoming = path + ".incoming"
+        self._file: BinaryIO | None = None
+        self._discard()
+
+    def receive(self, transmission: tuple[bytes, bool, bool] | None) -> bool:
+        if transmission is None:
+            return False
+        chunk, is_first, is_last = transmission
+        if is_first:
+            self._discard()
+            self._file = open(self.incoming, "wb")  # noqa: SIM115 - spans many calls
+        elif self._file is None:
+            return False  # the middle of a transfer whose start this node never saw
+        try:
+            self._file.write(chunk)
+        except OSError:
+            logger.exception("cannot write the incoming snapshot %s", self.incoming)
+            self._discard()
+            return False
+        if not is_last:
+            return False
+        self._file.close()
+        self._file = None
+        try:
+            read_snapshot_meta(self.incoming)
+        except (SnapshotCorrupt, OSError) as exc:
+            logger.warning("refusing a snapshot sent by the leader: %s", exc)
+            self._discard()
+            return False
+        os.replace(self.incoming, self.path)
+        return True
+
+    def close(self) -> None:
+        """Drop an unfinished transfer (the node is closing)."""
+        self._discard()
+
+    def _discard(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.incoming)
