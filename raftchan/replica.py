@@ -244,6 +244,10 @@ class _RaftNode(SyncObj):
         due = self._commit_notice_due
         if due is not None:
             timeToWait = min(timeToWait, max(0.0, due - time.monotonic()))
+        elif self._SyncObj__raftLastApplied < self._SyncObj__getCurrentLogIndex():
+            # This tick may apply entries and so owe the followers a commit notice: its
+            # wait for messages at the end must not outlast the notice's delay.
+            timeToWait = min(timeToWait, _COMMIT_NOTICE_DELAY)
         super()._onTick(timeToWait)
 
     def _send_commit_notice_if_due(self) -> None:
