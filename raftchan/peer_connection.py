@@ -13,8 +13,11 @@ not. This module replaces the connection class pysyncobj uses with one that
   a bound's worth, so that what was read is parsed (and a forged message refused) before
   more is read.
 
-The first message on every peer connection is a handshake of a few dozen bytes (a random
-key, or the sender's address), so the small bound never cuts legitimate traffic.
+The first message on a connection another node opened to this one is a handshake of a
+few dozen bytes (a random key, or the sender's address), so the small bound never cuts
+legitimate traffic. A connection this node opened itself leads to a member it chose;
+the member sends no handshake on it, and its first message may be a batch of entries of
+any size, so such a connection gets the full bound from the start.
 
 The class also sends its messages uncompressed: see :func:`stored_zlib`.
 """
@@ -58,6 +61,13 @@ class BoundedTcpConnection(pysyncobj.tcp_connection.TcpConnection):
     max_message_bytes: ClassVar[int] = 64 * 1024 * 1024
 
     _raftchan_authenticated = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # pysyncobj passes the socket of a connection it accepted; one it will dial has
+        # none (see the module doc).
+        accepted = kwargs.get("socket", args[4] if len(args) > 4 else None) is not None
+        self._raftchan_authenticated = not accepted
 
     def _bound(self) -> int:
         if self._raftchan_authenticated:

@@ -12,6 +12,7 @@ import zlib
 import pysyncobj.pickle
 import pytest
 from pysyncobj.poller import PollPoller
+from pysyncobj.tcp_connection import CONNECTION_STATE
 
 from raftchan.peer_connection import BoundedTcpConnection, stored_zlib
 
@@ -61,3 +62,57 @@ def test_a_message_larger_than_the_socket_buffer_goes_out_whole_without_a_next_s
     finally:
         connection.disconnect()
         receiver.close()
+
+
+def _framed(message: object) -> bytes:
+    data = stored_zlib(pysyncobj.pickle.dumps(message))
+    return struct.pack("i", len(data)) + data
+
+
+def test_a_connection_this_node_dialed_takes_a_large_first_message() -> None:
+    # The member at the other end sends no handshake on it: a catching-up follower's
+    # first message from its leader can be a batch of entries far above the small bound.
+    listener = socket.create_server(("127.0.0.1", 0))
+    poller = PollPoller()
+    got: list[object] = []
+    connection = BoundedTcpConnection(poller, onMessageReceived=got.append, timeout=30.0)
+    accepted: socket.socket | None = None
+    try:
+        connection.connect("127.0.0.1", listener.getsockname()[1])
+        accepted, _ = listener.accept()
+        accepted.settimeout(10)  # a stuck send fails the test instead of hanging it
+        message = {"type": "append_entries", "entries": [(os.urandom(200_000), 7, 2)]}
+        accepted.sendall(_framed(message))
+        deadline = time.monotonic() + 10
+        while (
+            not got
+            and time.monotonic() < deadline
+            and connection.state != CONNECTION_STATE.DISCONNECTED
+        ):
+            poller.poll(0.01)
+        assert got == [message]
+    finally:
+        connection.disconnect()
+        if accepted is not None:
+            accepted.close()
+        listener.close()
+
+
+def test_a_connection_a_stranger_opened_refuses_a_large_first_message() -> None:
+    ours, stranger = socket.socketpair()
+    ours.setblocking(False)
+    poller = PollPoller()
+    got: list[object] = []
+    connection = BoundedTcpConnection(
+        poller, onMessageReceived=got.append, socket=ours, timeout=30.0
+    )
+    try:
+        stranger.sendall(_framed({"type": "append_entries", "entries": [(b"x" * 200_000, 7, 2)]}))
+        deadline = time.monotonic() + 10
+        while connection.state != CONNECTION_STATE.DISCONNECTED and time.monotonic() < deadline:
+            poller.poll(0.01)
+        assert connection.state == CONNECTION_STATE.DISCONNECTED
+        assert got == []
+    finally:
+        connection.disconnect()
+        stranger.close()
