@@ -19,7 +19,7 @@ legitimate traffic. A connection this node opened itself leads to a member it ch
 the member sends no handshake on it, and its first message may be a batch of entries of
 any size, so such a connection gets the full bound from the start.
 
-The class also sends its messages uncompressed: see :func:`stored_zlib`.
+The class also sends small messages uncompressed: see :func:`stored_zlib`.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import pysyncobj.transport
 from pysyncobj.poller import POLL_EVENT_TYPE
 
 __all__ = [
+    "COMPRESS_FROM_BYTES",
     "UNAUTHENTICATED_MESSAGE_BYTES",
     "BoundedTcpConnection",
     "install_message_bound",
@@ -48,6 +49,8 @@ logger = logging.getLogger(__name__)
 UNAUTHENTICATED_MESSAGE_BYTES = 64 * 1024
 
 _FRAME_HEADER = struct.Struct("i")  # pysyncobj's: native int, signed
+#: Messages from this size on are compressed (see :func:`stored_zlib`).
+COMPRESS_FROM_BYTES = 16 * 1024
 #: The smallest window zlib offers: a stored stream never looks back.
 _STORED_WINDOW_BITS = 9
 _monotonic = pysyncobj.tcp_connection.monotonicTime
@@ -126,15 +129,18 @@ class BoundedTcpConnection(pysyncobj.tcp_connection.TcpConnection):
 
 
 def stored_zlib(data: bytes) -> bytes:
-    """``data`` as a zlib stream of stored (uncompressed) blocks.
+    """``data`` as a zlib stream: stored (uncompressed) when small, compressed when large.
 
     pysyncobj compresses every peer message at level 3. Setting up that compressor costs
-    tens of microseconds even for a message of a few hundred bytes, and compressing a
-    50 KB batch takes most of a millisecond, once per follower and per command: the
-    leader's busiest cost. Raft messages are small or hold items that seldom compress.
-    Any ``zlib.decompress`` reads a stored stream, nodes of earlier versions included,
-    so a rolling upgrade can mix both. A small window keeps the set-up small too.
+    tens of microseconds even for a message of a few hundred bytes, paid once per
+    follower for every command and every answer: a stored stream skips it. Large
+    messages (batches of big items, snapshot chunks) are compressed as before: sent
+    uncompressed, a compressible state made snapshot transfers a hundred times longer,
+    long enough for elections to start during them. Any ``zlib.decompress`` reads both,
+    nodes of earlier versions included, so a rolling upgrade can mix them.
     """
+    if len(data) >= COMPRESS_FROM_BYTES:
+        return zlib.compress(data, 3)
     compressor = zlib.compressobj(0, zlib.DEFLATED, _STORED_WINDOW_BITS, 1)
     return compressor.compress(data) + compressor.flush()
 

@@ -14,7 +14,7 @@ import pytest
 from pysyncobj.poller import PollPoller
 from pysyncobj.tcp_connection import CONNECTION_STATE
 
-from raftchan.peer_connection import BoundedTcpConnection, stored_zlib
+from raftchan.peer_connection import COMPRESS_FROM_BYTES, BoundedTcpConnection, stored_zlib
 
 
 @pytest.mark.parametrize("size", [0, 1, 300, 65_535, 65_536, 200_000])
@@ -23,12 +23,21 @@ def test_a_stored_stream_is_what_zlib_decompress_reads(size: int) -> None:
     assert zlib.decompress(stored_zlib(data)) == data
 
 
-def test_a_message_is_stored_not_compressed() -> None:
+def test_a_small_message_is_stored_not_compressed() -> None:
     # Highly compressible on purpose: a compressing framing would shrink it.
     message = {"type": "append_entries", "entries": [(b"x" * 10_000, 7, 2)]}
     data = pysyncobj.pickle.dumps(message)
+    assert len(data) < COMPRESS_FROM_BYTES
     framed = stored_zlib(data)
     assert len(data) < len(framed) < len(data) + 64
+    assert pysyncobj.pickle.loads(zlib.decompress(framed)) == message
+
+
+def test_a_large_message_is_compressed() -> None:
+    message = {"type": "append_entries", "serialized": (b"x" * 65_536, False, False)}
+    data = pysyncobj.pickle.dumps(message)
+    framed = stored_zlib(data)
+    assert len(framed) < len(data) // 10
     assert pysyncobj.pickle.loads(zlib.decompress(framed)) == message
 
 
@@ -107,7 +116,9 @@ def test_a_connection_a_stranger_opened_refuses_a_large_first_message() -> None:
         poller, onMessageReceived=got.append, socket=ours, timeout=30.0
     )
     try:
-        stranger.sendall(_framed({"type": "append_entries", "entries": [(b"x" * 200_000, 7, 2)]}))
+        frame = _framed({"type": "append_entries", "entries": [(os.urandom(200_000), 7, 2)]})
+        stranger.settimeout(10)
+        stranger.sendall(frame[:32_768])  # the declared length is what gets refused
         deadline = time.monotonic() + 10
         while connection.state != CONNECTION_STATE.DISCONNECTED and time.monotonic() < deadline:
             poller.poll(0.01)
