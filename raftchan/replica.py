@@ -273,25 +273,6 @@ class _RaftNode(SyncObj):
             self._commit_notice_due = time.monotonic() + _COMMIT_NOTICE_DELAY
         return False
 
-    def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802
-        # pysyncobj sets a follower's next index from every successful answer. With two
-        # append-entries in flight, the answer to the first moved it back below what the
-        # second already sent, so the next message re-sent those entries and the follower
-        # cut them from its journal (fsync) and wrote them again: bursts of "truncating
-        # already-applied log entries" under load. A success only ever moves it forward;
-        # a refusal (reset) still moves it back.
-        pipelined = (
-            message.get("type") == "next_node_idx"
-            and message.get("success")
-            and not message.get("reset")
-        )
-        before = self._SyncObj__raftNextIndex.get(node) if pipelined else None
-        SyncObj._SyncObj__onMessageReceived(self, node, message)
-        if before is not None and self._isLeader():
-            after = self._SyncObj__raftNextIndex.get(node)
-            if after is not None and after < before:
-                self._SyncObj__raftNextIndex[node] = before
-
     def _SyncObj__sendAppendEntries(self) -> None:  # noqa: N802 - overrides it
         self._commit_notice_due = None  # every append-entries carries the commit index
         SyncObj._SyncObj__sendAppendEntries(self)
