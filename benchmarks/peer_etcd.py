@@ -205,7 +205,8 @@ class Etcd(ServerSystem):
     async def recovery(self, cfg: Config, workdir: Path) -> dict[str, Any]:
         """The recovery figures (:func:`measure_peer_recovery`) on three members of its
         own."""
-        return await measure_peer_recovery(EtcdRecovery(self.binary, workdir), cfg)
+        cluster = EtcdRecovery(self.binary, workdir / "etcd-recovery")
+        return await measure_peer_recovery(cluster, cfg)
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -304,12 +305,6 @@ class EtcdRecovery(PeerCluster):
         "leader and applied everything committed) answers the full count; the cluster "
         "serves when that count through any member does"
     )
-
-    def __init__(self, binary: str, workdir: Path) -> None:
-        super().__init__()
-        self.binary = binary
-        self.base = workdir / "etcd-recovery"
-        self.ports: list[int] = []
 
     def launch(self) -> None:
         ports = free_ports(6, HOST)

@@ -209,7 +209,8 @@ class NatsJetStream(ServerSystem):
 
     async def recovery(self, cfg: Config, workdir: Path) -> dict[str, Any]:
         """The recovery figures (:func:`measure_peer_recovery`) on three servers of its own."""
-        return await measure_peer_recovery(NatsRecovery(self.binary, workdir), cfg)
+        cluster = NatsRecovery(self.binary, workdir / "nats-recovery")
+        return await measure_peer_recovery(cluster, cfg)
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -262,11 +263,8 @@ class NatsRecovery(PeerCluster):
         "count"
     )
 
-    def __init__(self, binary: str, workdir: Path) -> None:
-        super().__init__()
-        self.binary = binary
-        self.base = workdir / "nats-recovery"
-        self.ports: list[int] = []
+    def __init__(self, binary: str, base: Path) -> None:
+        super().__init__(binary, base)
         self.http_ports: list[int] = []
 
     def launch(self) -> None:

@@ -160,9 +160,14 @@ def _figures(
     cluster_s: float,
     every_s: float,
     restarted: list[int | None],
+    serving: str,
 ) -> dict[str, Any]:
     """One system's recovery figures, under the keys the report reads (the same for every
-    system): sizes in MB (10^6 bytes), times in seconds."""
+    system): sizes in MB (10^6 bytes), times in seconds; also prints their summary line."""
+    say(
+        f"    {follower} serves after {follower_s:.2f} s, cluster after {cluster_s:.2f} s "
+        f"(every server {every_s:.2f} s); RSS after load {_mb(loaded)} MB"
+    )
     return {
         "items": items,
         "item_bytes": ITEM_BYTES,
@@ -181,6 +186,7 @@ def _figures(
         "rss_restart_growth_mb_per_million": [
             per_million(g, items) for g in _growth(empty, restarted)
         ],
+        "serving": serving,
     }
 
 
@@ -220,7 +226,7 @@ def measure_recovery(cfg: Config, workdir: Path) -> dict[str, Any]:
     finally:
         with contextlib.suppress(Exception):
             cluster.close()
-    result = _figures(
+    return _figures(
         items,
         rate,
         data,
@@ -232,13 +238,8 @@ def measure_recovery(cfg: Config, workdir: Path) -> dict[str, Any]:
         cluster_s,
         max(every.values()),
         restarted,
+        RAFTCHAN_SERVING,
     )
-    result["serving"] = RAFTCHAN_SERVING
-    say(
-        f"    follower serves after {follower_s:.2f} s, cluster after {cluster_s:.2f} s "
-        f"(every node {max(every.values()):.2f} s); RSS after load {_mb(loaded)} MB"
-    )
-    return result
 
 
 def _cluster_serves(cluster: LocalCluster, items: int, started: float) -> float:
@@ -267,7 +268,12 @@ class PeerCluster(abc.ABC):
     #: What "serves" means in this system's figures (for the report).
     serving = ""
 
-    def __init__(self) -> None:
+    def __init__(self, binary: str, base: Path) -> None:
+        #: The server binary, and the folder its servers' data and logs go in.
+        self.binary = binary
+        self.base = base
+        #: Each server's client port, once launched.
+        self.ports: list[int] = []
         self.procs: list[Process] = []
         self.names: list[str] = []
         #: Each server's data folder.
@@ -385,7 +391,7 @@ async def measure_peer_recovery(cluster: PeerCluster, cfg: Config) -> dict[str, 
         raise
     finally:
         stop_all(cluster.procs)
-    result = _figures(
+    return _figures(
         items,
         items / load_s,
         data,
@@ -397,10 +403,5 @@ async def measure_peer_recovery(cluster: PeerCluster, cfg: Config) -> dict[str, 
         cluster_s,
         every_s,
         restarted,
+        cluster.serving,
     )
-    result["serving"] = cluster.serving
-    say(
-        f"    {cluster.names[follower]} serves after {follower_s:.2f} s, cluster after "
-        f"{cluster_s:.2f} s (every server {every_s:.2f} s); RSS after load {_mb(loaded)} MB"
-    )
-    return result

@@ -279,7 +279,7 @@ def test_markdown_puts_every_systems_recovery_in_one_table() -> None:
 
     def recovery(server: str, load_rate: float, follower_s: float, serving: str) -> dict:
         mb = 1_000_000
-        figures = _figures(
+        return _figures(
             items=100_000,
             rate=load_rate,
             data=[3 * mb] * 3,
@@ -291,8 +291,8 @@ def test_markdown_puts_every_systems_recovery_in_one_table() -> None:
             cluster_s=2.0,
             every_s=2.5,
             restarted=[22 * mb, 24 * mb, None],
+            serving=serving,
         )
-        return {**figures, "serving": serving}
 
     run = {
         "config": {"producers": [1, 8], "item_sizes": [16]},
