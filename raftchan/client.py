@@ -28,7 +28,6 @@ import functools
 import heapq
 import itertools
 import logging
-import math
 import os
 import random
 import ssl
@@ -308,12 +307,11 @@ class _FlushWaiters:
         self._heap: list[tuple[int, int, asyncio.Future[None], float]] = []
         self._order = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = math.inf
 
     def add(self, target: int, future: asyncio.Future[None], deadline: float) -> None:
         """Wait for ticket ``target``; at ``deadline`` the future fails with _FlushExpired."""
         heapq.heappush(self._heap, (target, next(self._order), future, deadline))
-        if deadline < self._timer_at:
+        if self._timer is None or deadline < self._timer.when():
             self._arm(deadline)
 
     def release_through(self, done: int) -> None:
@@ -335,20 +333,17 @@ class _FlushWaiters:
     def _arm(self, at: float) -> None:
         self._disarm()
         self._timer = asyncio.get_running_loop().call_at(at, self._expire_due)
-        self._timer_at = at
 
     def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
         self._timer = None
-        self._timer_at = math.inf
 
     def _expire_due(self) -> None:
         # Runs once per deadline reached, usually that of a waiter released long ago: a
         # scan of the waiting ones is cheap at that rate. A millisecond of slack keeps a
         # timer that fires a hair early from re-arming for the same instant.
         self._timer = None
-        self._timer_at = math.inf
         now = asyncio.get_running_loop().time() + 0.001
         waiting = []
         for entry in self._heap:

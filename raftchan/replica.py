@@ -244,7 +244,9 @@ class _RaftNode(SyncObj):
         due = self._commit_notice_due
         if due is not None:
             timeToWait = min(timeToWait, max(0.0, due - time.monotonic()))
-        elif self._SyncObj__raftLastApplied < self._SyncObj__getCurrentLogIndex():
+        elif self._isLeader() and (
+            self._SyncObj__raftLastApplied < self._SyncObj__getCurrentLogIndex()
+        ):
             # This tick may apply entries and so owe the followers a commit notice: its
             # wait for messages at the end must not outlast the notice's delay.
             timeToWait = min(timeToWait, _COMMIT_NOTICE_DELAY)
