@@ -19,7 +19,9 @@ legitimate traffic. A connection this node opened itself leads to a member it ch
 the member sends no handshake on it, and its first message may be a batch of entries of
 any size, so such a connection gets the full bound from the start.
 
-The class also sends small messages uncompressed: see :func:`stored_zlib`.
+The class also sends small messages uncompressed (see :func:`stored_zlib`), and calls a
+connection dead only when it went unanswered, not merely quiet (see
+:meth:`BoundedTcpConnection._TcpConnection__processConnectionTimeout`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import pysyncobj.tcp_connection
 import pysyncobj.tcp_server
 import pysyncobj.transport
 from pysyncobj.poller import POLL_EVENT_TYPE
+from pysyncobj.tcp_connection import CONNECTION_STATE
 
 __all__ = [
     "COMPRESS_FROM_BYTES",
@@ -64,6 +67,9 @@ class BoundedTcpConnection(pysyncobj.tcp_connection.TcpConnection):
     max_message_bytes: ClassVar[int] = 64 * 1024 * 1024
 
     _raftchan_authenticated = False
+    #: When this end first sent something that nothing read since has answered (None:
+    #: it has sent nothing since it last read).
+    _raftchan_unanswered_since: float | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -100,8 +106,30 @@ class BoundedTcpConnection(pysyncobj.tcp_connection.TcpConnection):
         # Enough for now: let the caller parse (and refuse a forged frame) before reading on.
         return len(buffer) <= _FRAME_HEADER.size + bound
 
+    def _TcpConnection__processConnectionTimeout(self) -> None:  # noqa: N802 - pysyncobj's
+        # pysyncobj calls a connection dead once nothing was read on it for its timeout,
+        # and checks that right before it sends and when the socket turns readable. While
+        # a leader lives, its two followers say nothing to each other: the first vote
+        # request after a second of that quiet was dropped at both ends (the sender's
+        # check closed the connection instead of sending; the receiver's closed it
+        # instead of reading). Both followers then stood again after the reconnect and
+        # split the vote, and a failover took 0.3-0.7 s instead of 0.1-0.2 s. Quiet is not
+        # death: a connection is dead when what this end sent has gone unanswered for
+        # the timeout. A connection still being dialled keeps pysyncobj's rule.
+        if self.state != CONNECTION_STATE.CONNECTED:
+            super()._TcpConnection__processConnectionTimeout()
+            return
+        since = self._raftchan_unanswered_since
+        if since is None or since < self._TcpConnection__lastReadTime:
+            return
+        if _monotonic() - since > self._TcpConnection__timeout:
+            self.disconnect()
+
     def send(self, message: Any) -> None:
         """pysyncobj's send, with the message framed by :func:`stored_zlib`."""
+        since = self._raftchan_unanswered_since
+        if since is None or since < self._TcpConnection__lastReadTime:
+            self._raftchan_unanswered_since = _monotonic()
         if self.sendRandKey:
             message = (self.sendRandKey, message)
         data = stored_zlib(pysyncobj.pickle.dumps(message))

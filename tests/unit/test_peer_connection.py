@@ -8,6 +8,7 @@ import socket
 import struct
 import time
 import zlib
+from collections.abc import Callable
 
 import pysyncobj.pickle
 import pytest
@@ -78,6 +79,12 @@ def _framed(message: object) -> bytes:
     return struct.pack("i", len(data)) + data
 
 
+def _poll_until(poller: PollPoller, done: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        poller.poll(0.01)
+
+
 def test_a_connection_this_node_dialed_takes_a_large_first_message() -> None:
     # The member at the other end sends no handshake on it: a catching-up follower's
     # first message from its leader can be a batch of entries far above the small bound.
@@ -92,13 +99,7 @@ def test_a_connection_this_node_dialed_takes_a_large_first_message() -> None:
         accepted.settimeout(10)  # a stuck send fails the test instead of hanging it
         message = {"type": "append_entries", "entries": [(os.urandom(200_000), 7, 2)]}
         accepted.sendall(_framed(message))
-        deadline = time.monotonic() + 10
-        while (
-            not got
-            and time.monotonic() < deadline
-            and connection.state != CONNECTION_STATE.DISCONNECTED
-        ):
-            poller.poll(0.01)
+        _poll_until(poller, lambda: bool(got) or connection.state == CONNECTION_STATE.DISCONNECTED)
         assert got == [message]
     finally:
         connection.disconnect()
@@ -119,11 +120,79 @@ def test_a_connection_a_stranger_opened_refuses_a_large_first_message() -> None:
         frame = _framed({"type": "append_entries", "entries": [(os.urandom(200_000), 7, 2)]})
         stranger.settimeout(10)
         stranger.sendall(frame[:32_768])  # the declared length is what gets refused
-        deadline = time.monotonic() + 10
-        while connection.state != CONNECTION_STATE.DISCONNECTED and time.monotonic() < deadline:
-            poller.poll(0.01)
+        _poll_until(poller, lambda: connection.state == CONNECTION_STATE.DISCONNECTED)
         assert connection.state == CONNECTION_STATE.DISCONNECTED
         assert got == []
     finally:
         connection.disconnect()
         stranger.close()
+
+
+#: The connections' timeout in the quiet-connection tests (seconds).
+QUIET_TIMEOUT = 0.2
+
+
+def test_a_connection_quiet_for_longer_than_its_timeout_carries_the_next_message() -> None:
+    # Two followers say nothing to each other while a leader lives; pysyncobj dropped the
+    # first vote request after that quiet at both ends.
+    left_socket, right_socket = socket.socketpair()
+    for end in (left_socket, right_socket):
+        end.setblocking(False)
+    poller = PollPoller()
+    got: list[object] = []
+    left = BoundedTcpConnection(poller, socket=left_socket, timeout=QUIET_TIMEOUT)
+    right = BoundedTcpConnection(
+        poller, onMessageReceived=got.append, socket=right_socket, timeout=QUIET_TIMEOUT
+    )
+    try:
+        poller.poll(0.05)
+        time.sleep(3 * QUIET_TIMEOUT)
+        message = {"type": "request_vote", "term": 7, "last_log_index": 3, "last_log_term": 6}
+        left.send(message)
+        _poll_until(poller, lambda: bool(got) or right.state == CONNECTION_STATE.DISCONNECTED)
+        assert got == [message]
+        assert left.state == right.state == CONNECTION_STATE.CONNECTED
+    finally:
+        left.disconnect()
+        right.disconnect()
+
+
+def test_a_connection_whose_messages_go_unanswered_for_its_timeout_is_closed() -> None:
+    # What the timeout is for: a peer that stopped answering (its end is never read).
+    ours, silent = socket.socketpair()
+    ours.setblocking(False)
+    poller = PollPoller()
+    connection = BoundedTcpConnection(poller, socket=ours, timeout=QUIET_TIMEOUT)
+    try:
+        connection.send({"type": "append_entries", "term": 1})
+        assert connection.state == CONNECTION_STATE.CONNECTED
+        time.sleep(2 * QUIET_TIMEOUT)
+        connection.send({"type": "append_entries", "term": 1})
+        assert connection.state == CONNECTION_STATE.DISCONNECTED
+    finally:
+        connection.disconnect()
+        silent.close()
+
+
+def test_a_quiet_connection_reads_a_message_that_arrives() -> None:
+    # The receiving end of the same quiet: pysyncobj closed it on the readable event,
+    # before reading what had come.
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    poller = PollPoller()
+    got: list[object] = []
+    connection = BoundedTcpConnection(
+        poller, onMessageReceived=got.append, socket=ours, timeout=QUIET_TIMEOUT
+    )
+    try:
+        poller.poll(0.05)
+        time.sleep(3 * QUIET_TIMEOUT)
+        message = {"type": "request_vote", "term": 7, "last_log_index": 3, "last_log_term": 6}
+        peer.settimeout(10)
+        peer.sendall(_framed(message))
+        _poll_until(poller, lambda: bool(got) or connection.state == CONNECTION_STATE.DISCONNECTED)
+        assert got == [message]
+        assert connection.state == CONNECTION_STATE.CONNECTED
+    finally:
+        connection.disconnect()
+        peer.close()
