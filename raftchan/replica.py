@@ -247,6 +247,15 @@ class _RaftNode(SyncObj):
         # it counts, and at its end (above). Entries appended while it waited (the no-op of
         # a new term) are the ones the first sync is for. Both are free when nothing is new.
         self._raftchan_journal.sync()
+        if not self._isLeader():
+            # pysyncobj looks at the election deadline once per tick, and an idle tick
+            # waits 50 ms: followers whose deadlines one event set (their leader's
+            # connection closing, or its failed redials, at the same moments everywhere)
+            # woke in step and stood in the same tick, splitting the vote. Wake at the
+            # deadline itself, so that the random part of it tells them apart.
+            remaining = self._SyncObj__raftElectionDeadline - raft_clock()
+            if remaining > 0:
+                timeToWait = min(timeToWait, remaining)
         due = self._commit_notice_due
         if due is not None:
             timeToWait = min(timeToWait, max(0.0, due - time.monotonic()))
