@@ -1174,7 +1174,9 @@ class AsyncClient:
                 raise ProtocolError(f"asked for index {next_index}, got items from {page.first}")
             if page.items:
                 next_index += len(page.items)
-                yield self.codec.decode_items(page.items)
+                items = self.codec.decode_items(page.items)
+                await self.codec.settle_page()
+                yield items
             if page.stopped and next_index >= page.next:
                 return
             poll = protocol.Poll(0, channel, next_index, self._position, self.poll_wait)
@@ -1545,7 +1547,9 @@ class AsyncChannel:
         than the oldest retained item.
         """
         stored = await self._client._read(self.name, start, end, timeout)
-        return self._client.codec.decode_items(stored)
+        items = self._client.codec.decode_items(stored)
+        await self._client.codec.settle_page()
+        return items
 
     async def iterate(self, start: int | None = None) -> AsyncIterator[Any]:
         """Items from ``start`` (default: the oldest retained), then new ones as they come.

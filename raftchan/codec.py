@@ -107,6 +107,10 @@ class ItemCodec:
         """Decode the stored items of one response (errors as :meth:`decode`)."""
         return [self.decode(data) for data in datas]
 
+    async def settle_page(self) -> None:
+        """Called right after :meth:`decode_items` on an event loop, before the page is
+        handed to the reader: a subclass may finish what the page's objects need there."""
+
     def decode(self, data: bytes) -> Any:
         """The item stored as ``data``; :class:`ProtocolError` if it is not msgpack."""
         try:

@@ -17,9 +17,10 @@ Writing (:meth:`DaskCodec.encode_items`)
 
 Reading (:meth:`DaskCodec.decode_items`)
     Futures come back bound to the reader's Dask client (``dask_client=``, else
-    ``distributed.get_client()``), which is told that it desires the keys. One status
-    request per page then checks that the scheduler knows them; the future of a key it
-    does not know within :data:`UNKNOWN_GRACE` seconds fails with
+    ``distributed.get_client()``). One status request per page checks that the scheduler
+    knows their keys, finishes at once the futures of keys already in memory, and then
+    tells the scheduler that the client desires the keys. The future of a key the
+    scheduler does not know within :data:`UNKNOWN_GRACE` seconds fails with
     :class:`~raftchan.errors.FutureLost` naming the key, instead of staying pending forever.
 
 Old API
@@ -30,6 +31,7 @@ Old API
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import threading
@@ -111,6 +113,8 @@ class DaskCodec(ItemCodec):
         # Futures met while encoding, and the reader's client while decoding: per thread,
         # since the blocking client encodes in each caller's thread.
         self._local = threading.local()
+        #: Status checks started on a reader's loop, referenced until done.
+        self._checks: set[asyncio.Future[None]] = set()
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -192,13 +196,31 @@ class DaskCodec(ItemCodec):
             self._local.keys = []
         if keys and client is not None and client is not _UNRESOLVED:
             keys = list(dict.fromkeys(keys))
-            client._send_to_scheduler(
-                {"op": "client-desires-keys", "keys": keys, "client": client.id}
-            )
-            loop = client.loop
-            assert loop is not None  # a running client has its loop
-            loop.add_callback(_fail_unknown_keys, client, keys, self.status_timeout)
+            if _on_running_loop(client):
+                # The reader's loop: settle_page() waits for the status answer, so that
+                # the futures it finishes are finished when the reader gets them.
+                checked = self._local.checked = asyncio.Event()
+                check = asyncio.ensure_future(
+                    _check_keys(client, keys, self.status_timeout, checked)
+                )
+                self._checks.add(check)  # a task nobody references may be collected
+                check.add_done_callback(self._checks.discard)
+            else:
+                loop = client.loop
+                assert loop is not None  # a running client has its loop
+                loop.add_callback(_check_keys, client, keys, self.status_timeout)
         return items
+
+    async def settle_page(self) -> None:
+        """Wait for the status answer on the futures of the page just decoded in this
+        thread, when its Dask client runs on this loop: their futures of keys in memory
+        are then finished. Bounded by ``status_timeout``; a timeout is not an error (the
+        futures finish when Dask's own reports come)."""
+        checked = getattr(self._local, "checked", None)
+        self._local.checked = None
+        if checked is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(checked.wait(), self.status_timeout)
 
     @property
     def dask_client(self) -> DaskClient | None:
@@ -217,17 +239,52 @@ class DaskCodec(ItemCodec):
             return None
 
 
-async def _fail_unknown_keys(
-    client: DaskClient, keys: list[Any], timeout: float, grace: float = UNKNOWN_GRACE
+def _on_running_loop(client: DaskClient) -> bool:
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return getattr(client.loop, "asyncio_loop", None) is running
+
+
+async def _check_keys(
+    client: DaskClient,
+    keys: list[Any],
+    timeout: float,
+    checked: asyncio.Event | None = None,
+    grace: float = UNKNOWN_GRACE,
 ) -> None:
-    """On the Dask client's loop: fail the futures of keys the scheduler does not know.
+    """On the Dask client's loop: desire the keys of futures just read, finish those in
+    memory on the scheduler, fail those of keys it does not know.
+
+    The status request goes first. After a desire, the scheduler reports on every key
+    in a message of its own, and the futures stay pending until theirs arrives: for a
+    page of 10,000 futures, 0.55 s of a reader's gather went to that, and a status
+    request sent after the desire was answered only after the reports (over 1 s). Asked
+    first, the status of all 10,000 keys took 20 ms. (Dask's reports still come, and
+    change nothing.)
 
     An item becomes readable when its append commits, a moment before the leader has
     confirmed its pin: the writer's submission may still be on its way. So a key unknown
     at first is asked about again for ``grace`` seconds; if it shows up, this client
     desires it again (the first request was ignored); if not, its futures fail with
-    :class:`FutureLost`. ``timeout`` bounds each status request.
+    :class:`FutureLost`. ``timeout`` bounds each status request. ``checked`` is set
+    once the first status answer was dealt with (or could not be had).
     """
+    try:
+        await _check_keys_until_known(client, keys, timeout, checked, grace)
+    finally:
+        if checked is not None:
+            checked.set()
+
+
+async def _check_keys_until_known(
+    client: DaskClient,
+    keys: list[Any],
+    timeout: float,
+    checked: asyncio.Event | None,
+    grace: float,
+) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     delay = 0.01
@@ -240,13 +297,20 @@ async def _fail_unknown_keys(
             )
         except Exception as exc:  # unreachable scheduler: Dask's own handling applies
             logger.warning("could not check %d future keys on the scheduler: %s", len(keys), exc)
+            if first:
+                _desire(client, keys)
             return
+        _finish_in_memory(client, statuses)
         known = [key for key, status in statuses.items() if status is not None]
-        if known and not first:
-            client._send_to_scheduler(
-                {"op": "client-desires-keys", "keys": known, "client": client.id}
-            )
+        if first:
+            # All of them: the scheduler ignores a key it does not know yet, and such a
+            # key is desired again below once it shows up.
+            _desire(client, keys)
+        elif known:
+            _desire(client, known)
         first = False
+        if checked is not None:
+            checked.set()
         unknown = [key for key, status in statuses.items() if status is None]
         if unknown and loop.time() >= deadline:
             break
@@ -264,6 +328,19 @@ async def _fail_unknown_keys(
                 ),
                 None,
             )
+
+
+def _desire(client: DaskClient, keys: list[Any]) -> None:
+    client._send_to_scheduler({"op": "client-desires-keys", "keys": keys, "client": client.id})
+
+
+def _finish_in_memory(client: DaskClient, statuses: dict[Any, str | None]) -> None:
+    for key, status in statuses.items():
+        if status != "memory":
+            continue
+        state = client.futures.get(key)
+        if state is not None and state.status == "pending":
+            state.finish()
 
 
 # ---------------------------------------------------------------------------------------

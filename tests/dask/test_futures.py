@@ -323,3 +323,35 @@ def test_a_new_leader_releases_pins_no_item_references(
 
 def _desire_on_scheduler(keys: list[str], name: str, dask_scheduler: Any = None) -> None:
     dask_scheduler.client_desires_keys(keys=keys, client=name)
+
+
+def test_futures_read_on_their_dask_clients_loop_come_back_finished(
+    rc_cluster: LocalCluster, dask_cluster: distributed.LocalCluster
+) -> None:
+    # A reader gets the futures of keys in memory finished, not pending until the
+    # scheduler's report on each key arrives (a gather of many then waited for those).
+    import asyncio
+
+    async def main() -> tuple[list[str], list[int]]:
+        async with (
+            distributed.Client(
+                dask_cluster.scheduler_address, asynchronous=True, set_as_default=False
+            ) as writer,
+            distributed.Client(
+                dask_cluster.scheduler_address, asynchronous=True, set_as_default=False
+            ) as reader,
+            raftchan.AsyncClient(rc_cluster.addresses, dask_client=writer, timeout=OP_TIMEOUT) as w,
+            raftchan.AsyncClient(rc_cluster.addresses, dask_client=reader, timeout=OP_TIMEOUT) as r,
+        ):
+            futures = writer.map(inc, range(50), pure=False)
+            await writer.gather(futures)
+            chan = await w.channel("finished")
+            chan.extend(futures)
+            await chan.flush()
+            got = await (await r.channel("finished")).read()
+            statuses = [future.status for future in got]
+            return statuses, await reader.gather(got)
+
+    statuses, results = asyncio.run(main())
+    assert statuses == ["finished"] * 50
+    assert results == list(range(1, 51))
