@@ -59,6 +59,7 @@ from raftchan.errors import (
     NotLeader,
     RaftchanError,
 )
+from raftchan.held_entries import without_held_entries
 from raftchan.limits import Limits
 from raftchan.peer_connection import install_message_bound
 from raftchan.snapshot_transfer import SnapshotReceiver
@@ -277,6 +278,13 @@ class _RaftNode(SyncObj):
         self._commit_notice_due = None
         if self._isLeader():
             self._SyncObj__sendAppendEntries()
+
+    def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802
+        # Overrides pysyncobj's: entries sent again are not cut and rewritten (see
+        # raftchan.held_entries). Chunked messages carry no "entries" until assembled.
+        if message.get("type") == "append_entries" and message.get("entries"):
+            message = without_held_entries(self._raftchan_journal, message)
+        SyncObj._SyncObj__onMessageReceived(self, node, message)
 
     def _SyncObj__applyLogEntries(self) -> bool:  # noqa: N802 - overrides it
         # pysyncobj tells the followers the new commit index right after every apply: two
