@@ -27,11 +27,11 @@ connection dead only when it went unanswered, not merely quiet (see
 from __future__ import annotations
 
 import logging
+import pickle
 import struct
 import zlib
 from typing import Any, ClassVar
 
-import pysyncobj.pickle
 import pysyncobj.tcp_connection
 import pysyncobj.tcp_server
 import pysyncobj.transport
@@ -40,6 +40,7 @@ from pysyncobj.tcp_connection import CONNECTION_STATE
 
 __all__ = [
     "COMPRESS_FROM_BYTES",
+    "PICKLE_PROTOCOL",
     "UNAUTHENTICATED_MESSAGE_BYTES",
     "BoundedTcpConnection",
     "install_message_bound",
@@ -56,6 +57,15 @@ _FRAME_HEADER = struct.Struct("i")  # pysyncobj's: native int, signed
 COMPRESS_FROM_BYTES = 16 * 1024
 #: The smallest window zlib offers: a stored stream never looks back.
 _STORED_WINDOW_BITS = 9
+#: Bytes taken from the start and from the middle of a large message and compressed
+#: quickly to tell whether compressing the whole message pays.
+_SAMPLE_BYTES = 32 * 1024
+#: A sample that compresses to more than this share of its size is incompressible.
+_WORTHWHILE_RATIO = 0.9
+#: Peer messages and log entries are pickled in this protocol, where bytes are stored as
+#: they are (pysyncobj's protocol 2 stores them as UTF-8 of latin-1: 1.5 times the size
+#: of random bytes). Every Python 3 ``pickle.loads`` reads it.
+PICKLE_PROTOCOL = 4
 _monotonic = pysyncobj.tcp_connection.monotonicTime
 
 
@@ -132,7 +142,7 @@ class BoundedTcpConnection(pysyncobj.tcp_connection.TcpConnection):
             self._raftchan_unanswered_since = _monotonic()
         if self.sendRandKey:
             message = (self.sendRandKey, message)
-        data = stored_zlib(pysyncobj.pickle.dumps(message))
+        data = stored_zlib(pickle.dumps(message, protocol=PICKLE_PROTOCOL))
         if self.encryptor:
             data = self.encryptor.encrypt_at_time(data, int(_monotonic()))
         self._TcpConnection__writeBuffer += _FRAME_HEADER.pack(len(data)) + data
@@ -167,10 +177,20 @@ def stored_zlib(data: bytes) -> bytes:
     long enough for elections to start during them. Any ``zlib.decompress`` reads both,
     nodes of earlier versions included, so a rolling upgrade can mix them.
     """
-    if len(data) >= COMPRESS_FROM_BYTES:
+    if len(data) >= COMPRESS_FROM_BYTES and _compresses(data):
         return zlib.compress(data, 3)
     compressor = zlib.compressobj(0, zlib.DEFLATED, _STORED_WINDOW_BITS, 1)
     return compressor.compress(data) + compressor.flush()
+
+
+def _compresses(data: bytes) -> bool:
+    """Whether samples of ``data`` (its start and its middle) shrink when compressed."""
+    view = memoryview(data)
+    middle = len(data) // 2
+    for sample in (view[:_SAMPLE_BYTES], view[middle : middle + _SAMPLE_BYTES]):
+        if len(zlib.compress(sample, 1)) > _WORTHWHILE_RATIO * len(sample):
+            return False
+    return True
 
 
 def install_message_bound(max_message_bytes: int) -> None:

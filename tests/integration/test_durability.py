@@ -438,3 +438,22 @@ def test_commands_near_128_kib_reach_every_follower(cluster: LocalCluster) -> No
     wait_converged(cluster)
     for name, contents in contents_of_every_node(cluster, ["near-128k"]).items():
         assert [len(item) for item in contents["near-128k"]] == sizes, name
+
+
+def test_binary_items_take_their_own_size_in_every_journal(cluster: LocalCluster) -> None:
+    # pysyncobj pickles each command in protocol 2, which stores bytes as UTF-8 of
+    # latin-1: random bytes took 1.5 times their size in the log (and on the wire).
+    items = [os.urandom(64 * 1024) for _ in range(10)]
+    journals = [cluster.base_dir / name / JOURNAL_FILE for name in cluster.names]
+    with raftchan.Client(cluster.addresses, timeout=CLIENT_TIMEOUT) as client:
+        chan = client.channel("binary")
+        chan.flush(FLUSH_TIMEOUT)
+        before = [journal.stat().st_size for journal in journals]
+        chan.extend(items)
+        chan.flush(FLUSH_TIMEOUT)
+        assert list(chan.data) == items
+    wait_converged(cluster)
+    grown = [journal.stat().st_size - size for journal, size in zip(journals, before, strict=True)]
+    payload = sum(len(item) for item in items)
+    for growth in grown:
+        assert payload <= growth < 1.1 * payload, grown
