@@ -59,7 +59,7 @@ COMPRESS_FROM_BYTES = 16 * 1024
 _STORED_WINDOW_BITS = 9
 #: Bytes taken from the start and from the middle of a large message and compressed
 #: quickly to tell whether compressing the whole message pays.
-_SAMPLE_BYTES = 32 * 1024
+_SAMPLE_BYTES = 4 * 1024
 #: A sample that compresses to more than this share of its size is incompressible.
 _WORTHWHILE_RATIO = 0.9
 #: Peer messages and log entries are pickled in this protocol, where bytes are stored as
