@@ -8,7 +8,7 @@ import socket
 import struct
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pysyncobj.pickle
 import pytest
@@ -60,19 +60,8 @@ def test_a_message_larger_than_the_socket_buffer_goes_out_whole_without_a_next_s
         poller.poll(0.05)  # the first writable event: pysyncobj stops watching for more
         message = {"type": "append_entries", "entries": [(os.urandom(1_000_000), 7, 2)]}
         connection.send(message)
-        received = bytearray()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            poller.poll(0.01)  # no further send: only the poller can move the rest
-            with contextlib.suppress(BlockingIOError):
-                while chunk := receiver.recv(1 << 16):
-                    received += chunk
-            if len(received) >= 4 and len(received) >= 4 + struct.unpack("i", received[:4])[0]:
-                break
-        (length,) = struct.unpack("i", received[:4])
-        framed = bytes(received[4 : 4 + length])
-        assert len(framed) == length
-        assert pysyncobj.pickle.loads(zlib.decompress(framed)) == message
+        # No further send: only the poller can move the rest.
+        assert pysyncobj.pickle.loads(zlib.decompress(_received_frame(poller, receiver))) == message
     finally:
         connection.disconnect()
         receiver.close()
@@ -87,6 +76,43 @@ def _poll_until(poller: PollPoller, done: Callable[[], bool], timeout: float = 1
     deadline = time.monotonic() + timeout
     while not done() and time.monotonic() < deadline:
         poller.poll(0.01)
+
+
+def _received_frame(poller: PollPoller, peer: socket.socket, timeout: float = 10.0) -> bytes:
+    """One whole frame read from ``peer`` (non-blocking) while ``poller`` runs the sender."""
+    received = bytearray()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        poller.poll(0.01)
+        with contextlib.suppress(BlockingIOError):
+            while chunk := peer.recv(1 << 16):
+                received += chunk
+        if len(received) >= 4 and len(received) >= 4 + struct.unpack("i", received[:4])[0]:
+            break
+    (length,) = struct.unpack("i", received[:4])
+    framed = bytes(received[4 : 4 + length])
+    assert len(framed) == length
+    return framed
+
+
+@contextlib.contextmanager
+def _accepted_connection(
+    timeout: float, on_message: Callable[[object], None] | None = None
+) -> Iterator[tuple[PollPoller, BoundedTcpConnection, socket.socket]]:
+    """A connection as this node gets one it accepted, its poller, and the peer's socket
+    (non-blocking); both ends closed afterwards."""
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    peer.setblocking(False)
+    poller = PollPoller()
+    connection = BoundedTcpConnection(
+        poller, onMessageReceived=on_message, socket=ours, timeout=timeout
+    )
+    try:
+        yield poller, connection, peer
+    finally:
+        connection.disconnect()
+        peer.close()
 
 
 def test_a_connection_this_node_dialed_takes_a_large_first_message() -> None:
@@ -113,23 +139,13 @@ def test_a_connection_this_node_dialed_takes_a_large_first_message() -> None:
 
 
 def test_a_connection_a_stranger_opened_refuses_a_large_first_message() -> None:
-    ours, stranger = socket.socketpair()
-    ours.setblocking(False)
-    poller = PollPoller()
     got: list[object] = []
-    connection = BoundedTcpConnection(
-        poller, onMessageReceived=got.append, socket=ours, timeout=30.0
-    )
-    try:
+    with _accepted_connection(30.0, got.append) as (poller, connection, stranger):
         frame = _framed({"type": "append_entries", "entries": [(os.urandom(200_000), 7, 2)]})
-        stranger.settimeout(10)
         stranger.sendall(frame[:32_768])  # the declared length is what gets refused
         _poll_until(poller, lambda: connection.state == CONNECTION_STATE.DISCONNECTED)
         assert connection.state == CONNECTION_STATE.DISCONNECTED
         assert got == []
-    finally:
-        connection.disconnect()
-        stranger.close()
 
 
 #: The connections' timeout in the quiet-connection tests (seconds).
@@ -163,67 +179,37 @@ def test_a_connection_quiet_for_longer_than_its_timeout_carries_the_next_message
 
 def test_a_connection_whose_messages_go_unanswered_for_its_timeout_is_closed() -> None:
     # What the timeout is for: a peer that stopped answering (its end is never read).
-    ours, silent = socket.socketpair()
-    ours.setblocking(False)
-    poller = PollPoller()
-    connection = BoundedTcpConnection(poller, socket=ours, timeout=QUIET_TIMEOUT)
-    try:
+    with _accepted_connection(QUIET_TIMEOUT) as (_poller, connection, _silent):
         connection.send({"type": "append_entries", "term": 1})
         assert connection.state == CONNECTION_STATE.CONNECTED
         time.sleep(2 * QUIET_TIMEOUT)
         connection.send({"type": "append_entries", "term": 1})
         assert connection.state == CONNECTION_STATE.DISCONNECTED
-    finally:
-        connection.disconnect()
-        silent.close()
 
 
 def test_a_quiet_connection_reads_a_message_that_arrives() -> None:
     # The receiving end of the same quiet: pysyncobj closed it on the readable event,
     # before reading what had come.
-    ours, peer = socket.socketpair()
-    ours.setblocking(False)
-    poller = PollPoller()
     got: list[object] = []
-    connection = BoundedTcpConnection(
-        poller, onMessageReceived=got.append, socket=ours, timeout=QUIET_TIMEOUT
-    )
-    try:
+    with _accepted_connection(QUIET_TIMEOUT, got.append) as (poller, connection, peer):
         poller.poll(0.05)
         time.sleep(3 * QUIET_TIMEOUT)
         message = {"type": "request_vote", "term": 7, "last_log_index": 3, "last_log_term": 6}
-        peer.settimeout(10)
         peer.sendall(_framed(message))
         _poll_until(poller, lambda: bool(got) or connection.state == CONNECTION_STATE.DISCONNECTED)
         assert got == [message]
         assert connection.state == CONNECTION_STATE.CONNECTED
-    finally:
-        connection.disconnect()
-        peer.close()
 
 
 def test_bytes_in_a_message_travel_at_their_size() -> None:
     # pysyncobj pickled messages in protocol 2, where bytes become UTF-8 of latin-1: 1.5
     # times the size of random bytes, which were then compressed back at great cost.
-    sender_socket, receiver = socket.socketpair()
-    sender_socket.setblocking(False)
-    receiver.settimeout(10)
-    poller = PollPoller()
-    connection = BoundedTcpConnection(poller, socket=sender_socket, timeout=30.0)
     payload = os.urandom(200_000)
-    try:
+    with _accepted_connection(30.0) as (poller, connection, receiver):
         connection.send({"entries": [(payload, 7, 2)]})
-        received = bytearray()
-        while len(received) < 4 or len(received) < 4 + struct.unpack("i", received[:4])[0]:
-            poller.poll(0.01)
-            received += receiver.recv(1 << 20)
-        (length,) = struct.unpack("i", received[:4])
-        assert length < 1.01 * len(payload)
-        message = pysyncobj.pickle.loads(zlib.decompress(bytes(received[4 : 4 + length])))
-        assert message == {"entries": [(payload, 7, 2)]}
-    finally:
-        connection.disconnect()
-        receiver.close()
+        framed = _received_frame(poller, receiver)
+        assert len(framed) < 1.01 * len(payload)
+        assert pysyncobj.pickle.loads(zlib.decompress(framed)) == {"entries": [(payload, 7, 2)]}
 
 
 def test_a_large_incompressible_message_is_stored_not_compressed() -> None:
