@@ -77,8 +77,7 @@ class BoundedTcpConnection(pysyncobj.tcp_connection.TcpConnection):
     max_message_bytes: ClassVar[int] = 64 * 1024 * 1024
 
     _raftchan_authenticated = False
-    #: When this end first sent something that nothing read since has answered (None:
-    #: it has sent nothing since it last read).
+    #: When this end first sent something after it last read (see _unanswered_since).
     _raftchan_unanswered_since: float | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -129,16 +128,19 @@ class BoundedTcpConnection(pysyncobj.tcp_connection.TcpConnection):
         if self.state != CONNECTION_STATE.CONNECTED:
             super()._TcpConnection__processConnectionTimeout()
             return
-        since = self._raftchan_unanswered_since
-        if since is None or since < self._TcpConnection__lastReadTime:
-            return
-        if _monotonic() - since > self._TcpConnection__timeout:
+        since = self._unanswered_since()
+        if since is not None and _monotonic() - since > self._TcpConnection__timeout:
             self.disconnect()
+
+    def _unanswered_since(self) -> float | None:
+        """When this end first sent something nothing read since answers (None: all
+        it sent was answered, or it sent nothing)."""
+        since = self._raftchan_unanswered_since
+        return None if since is None or since < self._TcpConnection__lastReadTime else since
 
     def send(self, message: Any) -> None:
         """pysyncobj's send, with the message framed by :func:`stored_zlib`."""
-        since = self._raftchan_unanswered_since
-        if since is None or since < self._TcpConnection__lastReadTime:
+        if self._unanswered_since() is None:
             self._raftchan_unanswered_since = _monotonic()
         if self.sendRandKey:
             message = (self.sendRandKey, message)
@@ -172,10 +174,12 @@ def stored_zlib(data: bytes) -> bytes:
     pysyncobj compresses every peer message at level 3. Setting up that compressor costs
     tens of microseconds even for a message of a few hundred bytes, paid once per
     follower for every command and every answer: a stored stream skips it. Large
-    messages (batches of big items, snapshot chunks) are compressed as before: sent
-    uncompressed, a compressible state made snapshot transfers a hundred times longer,
-    long enough for elections to start during them. Any ``zlib.decompress`` reads both,
-    nodes of earlier versions included, so a rolling upgrade can mix them.
+    messages (batches of big items, snapshot chunks) are compressed when samples of them
+    compress: sent uncompressed, a compressible state made snapshot transfers a hundred
+    times longer, long enough for elections to start during them; compressing
+    incompressible ones took 100 ms of the leader's tick per 4 MiB and per follower,
+    long enough to hold heartbeats back. Any ``zlib.decompress`` reads both, nodes of
+    earlier versions included, so a rolling upgrade can mix them.
     """
     if len(data) >= COMPRESS_FROM_BYTES and _compresses(data):
         return zlib.compress(data, 3)

@@ -248,7 +248,8 @@ class _RaftNode(SyncObj):
         # it counts, and at its end (above). Entries appended while it waited (the no-op of
         # a new term) are the ones the first sync is for. Both are free when nothing is new.
         self._raftchan_journal.sync()
-        if not self._isLeader():
+        leads = self._isLeader()
+        if not leads:
             # pysyncobj looks at the election deadline once per tick, and an idle tick
             # waits 50 ms: followers whose deadlines one event set (their leader's
             # connection closing, or its failed redials, at the same moments everywhere)
@@ -260,9 +261,7 @@ class _RaftNode(SyncObj):
         due = self._commit_notice_due
         if due is not None:
             timeToWait = min(timeToWait, max(0.0, due - time.monotonic()))
-        elif self._isLeader() and (
-            self._SyncObj__raftLastApplied < self._SyncObj__getCurrentLogIndex()
-        ):
+        elif leads and self._SyncObj__raftLastApplied < self._SyncObj__getCurrentLogIndex():
             # This tick may apply entries and so owe the followers a commit notice: its
             # wait for messages at the end must not outlast the notice's delay.
             timeToWait = min(timeToWait, _COMMIT_NOTICE_DELAY)
