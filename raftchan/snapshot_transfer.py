@@ -18,7 +18,7 @@ import logging
 import os
 from typing import BinaryIO
 
-from raftchan.snapshot import SnapshotCorrupt, read_snapshot_meta
+from raftchan.snapshot import SnapshotCorrupt, fsync_directory, read_snapshot_meta
 
 __all__ = ["SnapshotReceiver"]
 
@@ -57,7 +57,16 @@ class SnapshotReceiver:
             return False
         if not is_last:
             return False
-        self._file.close()
+        try:
+            # On disk before it replaces the node's snapshot: pysyncobj clears the journal
+            # right after, and a power loss must not leave a renamed file without its data.
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except OSError:
+            logger.exception("cannot write the incoming snapshot %s", self.incoming)
+            self._discard()
+            return False
         self._file = None
         try:
             read_snapshot_meta(self.incoming)
@@ -66,6 +75,7 @@ class SnapshotReceiver:
             self._discard()
             return False
         os.replace(self.incoming, self.path)
+        fsync_directory(os.path.dirname(os.path.abspath(self.path)))
         return True
 
     def close(self) -> None:
