@@ -6,6 +6,7 @@ import contextlib
 import os
 import socket
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -80,19 +81,29 @@ def _poll_until(poller: PollPoller, done: Callable[[], bool], timeout: float = 1
 
 def _received_frame(poller: PollPoller, peer: socket.socket, timeout: float = 10.0) -> bytes:
     """One whole frame read from ``peer`` (non-blocking) while ``poller`` runs the sender."""
+    (frame,) = _received_frames(poller, peer, 1, timeout)
+    return frame
+
+
+def _received_frames(
+    poller: PollPoller, peer: socket.socket, count: int, timeout: float = 10.0
+) -> list[bytes]:
+    """``count`` whole frames read from ``peer`` (non-blocking), in order, while
+    ``poller`` runs the sender."""
     received = bytearray()
+    frames: list[bytes] = []
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while len(frames) < count and time.monotonic() < deadline:
         poller.poll(0.01)
         with contextlib.suppress(BlockingIOError):
             while chunk := peer.recv(1 << 16):
                 received += chunk
-        if len(received) >= 4 and len(received) >= 4 + struct.unpack("i", received[:4])[0]:
-            break
-    (length,) = struct.unpack("i", received[:4])
-    framed = bytes(received[4 : 4 + length])
-    assert len(framed) == length
-    return framed
+        while len(received) >= 4 and len(received) >= 4 + struct.unpack_from("i", received)[0]:
+            (length,) = struct.unpack_from("i", received)
+            frames.append(bytes(received[4 : 4 + length]))
+            del received[: 4 + length]
+    assert len(frames) == count
+    return frames
 
 
 @contextlib.contextmanager
@@ -218,3 +229,53 @@ def test_a_large_incompressible_message_is_stored_not_compressed() -> None:
     # zlib's header names the window: 2**9 for the stored streams, 2**15 for compress().
     assert framed[0] == 0x18
     assert zlib.decompress(framed) == data
+
+
+def test_queued_messages_go_out_in_order_from_one_buffer_drained_in_place() -> None:
+    # pysyncobj dropped what the socket took with ``buffer = buffer[sent:]``, a copy of
+    # all that was still queued: a snapshot transfer queues megabytes in 64 KiB pieces,
+    # and the leader spent most of its time copying them.
+    messages = [{"type": "append_entries", "data": os.urandom(65_536), "n": n} for n in range(40)]
+    with _accepted_connection(30.0) as (poller, connection, receiver):
+        for message in messages:
+            connection.send(message)
+        queued = connection._TcpConnection__writeBuffer
+        assert len(queued) > 1_000_000  # the socket took only part of it
+        received = _received_frames(poller, receiver, len(messages))
+        assert connection._TcpConnection__writeBuffer is queued
+        assert len(queued) == 0
+    assert [pysyncobj.pickle.loads(zlib.decompress(frame)) for frame in received] == messages
+
+
+def test_frames_read_together_are_parsed_in_order_from_one_buffer_dropped_in_place() -> None:
+    # pysyncobj appended each read with ``buffer += chunk`` and dropped each parsed frame
+    # with ``buffer = buffer[length:]``, both copies of the whole buffer: a follower
+    # receiving a snapshot spent most of its time there and missed its heartbeats.
+    # Each under the bound of a first message on a connection accepted from a stranger.
+    messages = [{"type": "append_entries", "data": os.urandom(30_000), "n": n} for n in range(60)]
+    got: list[object] = []
+    buffers: set[int] = set()
+
+    def on_message(message: object) -> None:
+        got.append(message)
+        buffers.add(id(connection._TcpConnection__readBuffer))
+
+    with _accepted_connection(30.0, on_message) as (poller, connection, peer):
+        peer.setblocking(True)
+        sender = threading.Thread(target=peer.sendall, args=(b"".join(map(_framed, messages)),))
+        sender.start()
+        _poll_until(poller, lambda: len(got) == len(messages))
+        sender.join(10)
+        assert got == messages
+        assert len(buffers) == 1
+        assert len(connection._TcpConnection__readBuffer) == 0
+
+
+def test_a_frame_that_does_not_decode_closes_the_connection_after_the_ones_before_it() -> None:
+    got: list[object] = []
+    with _accepted_connection(30.0, got.append) as (poller, connection, peer):
+        good = _framed({"type": "append_entries", "term": 3})
+        peer.sendall(good + struct.pack("i", 8) + b"notzlib!" + good)
+        _poll_until(poller, lambda: connection.state == CONNECTION_STATE.DISCONNECTED)
+        assert connection.state == CONNECTION_STATE.DISCONNECTED
+        assert got == [{"type": "append_entries", "term": 3}]
