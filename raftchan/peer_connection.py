@@ -86,6 +86,8 @@ class BoundedTcpConnection(pysyncobj.tcp_connection.TcpConnection):
     _raftchan_authenticated = False
     #: When this end first sent something after it last read (see _unanswered_since).
     _raftchan_unanswered_since: float | None = None
+    #: When this end last took a message from its read buffer (see _unanswered_since).
+    _raftchan_last_parsed: float = 0.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -184,9 +186,20 @@ class BoundedTcpConnection(pysyncobj.tcp_connection.TcpConnection):
 
     def _unanswered_since(self) -> float | None:
         """When this end first sent something nothing read since answers (None: all
-        it sent was answered, or it sent nothing)."""
+        it sent was answered, or it sent nothing).
+
+        A message taken from the read buffer counts as an answer too: pysyncobj reads
+        all the socket holds and then handles message after message without reading
+        again. A follower that read a leader's backlog at once (a snapshot in chunks, a
+        run of large batches) and answered each message while it worked through them
+        for more than the timeout closed its connection to a live leader, dropping the
+        rest, and then stood for election because its leader's connection had closed.
+        """
         since = self._raftchan_unanswered_since
-        return None if since is None or since < self._TcpConnection__lastReadTime else since
+        if since is None:
+            return None
+        heard = max(self._TcpConnection__lastReadTime, self._raftchan_last_parsed)
+        return None if since < heard else since
 
     def send(self, message: Any) -> None:
         """pysyncobj's send, with the message framed by :func:`stored_zlib`."""
@@ -233,6 +246,7 @@ class BoundedTcpConnection(pysyncobj.tcp_connection.TcpConnection):
             return None
         del buffer[:end]
         self._raftchan_authenticated = True
+        self._raftchan_last_parsed = _monotonic()
         return message
 
     def _decode(self, data: bytes) -> Any:

@@ -279,3 +279,26 @@ def test_a_frame_that_does_not_decode_closes_the_connection_after_the_ones_befor
         _poll_until(poller, lambda: connection.state == CONNECTION_STATE.DISCONNECTED)
         assert connection.state == CONNECTION_STATE.DISCONNECTED
         assert got == [{"type": "append_entries", "term": 3}]
+
+
+def test_a_connection_answering_a_backlog_slowly_stays_open_for_all_of_it() -> None:
+    # pysyncobj reads all the socket holds, then handles message after message. A
+    # follower that answered each message of a leader's backlog for longer than the
+    # timeout counted its own answers as unanswered, closed the connection to its live
+    # leader and lost the rest of the backlog.
+    messages = [{"type": "append_entries", "n": n} for n in range(10)]
+    got: list[object] = []
+
+    def answer_slowly(message: object) -> None:
+        got.append(message)
+        time.sleep(QUIET_TIMEOUT / 4)
+        connection.send({"type": "next_node_idx", "next_node_idx": len(got)})
+
+    with _accepted_connection(QUIET_TIMEOUT, answer_slowly) as (poller, connection, peer):
+        peer.sendall(b"".join(map(_framed, messages)))
+        _poll_until(
+            poller,
+            lambda: len(got) == len(messages) or connection.state == CONNECTION_STATE.DISCONNECTED,
+        )
+        assert got == messages
+        assert connection.state == CONNECTION_STATE.CONNECTED
