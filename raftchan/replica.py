@@ -71,6 +71,8 @@ JOURNAL_FILE = "raft.journal"
 SNAPSHOT_FILE = "raft.snapshot"
 
 _ROLE_NAMES = {0: "follower", 1: "candidate", 2: "leader"}
+#: Socket buffers asked for on peer connections (see the SyncObjConf in _RaftNode).
+PEER_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
 
 def append_batch_bytes(limits: Limits) -> int:
@@ -161,6 +163,15 @@ class _SyncBeforeSendTransport(TCPTransport):
 
 
 _MEMBERSHIP_TYPE = bytes([_COMMAND_TYPE.MEMBERSHIP])
+
+
+def _is_snapshot_chunk_before_last(message: Any) -> bool:
+    """Whether ``message`` is a leader's append-entries carrying a chunk of its snapshot
+    other than the last one (pysyncobj sends ``(chunk, is_first, is_last)``)."""
+    if message.get("type") != "append_entries":
+        return False
+    chunk = message.get("serialized")
+    return isinstance(chunk, tuple) and len(chunk) == 3 and not chunk[2]
 
 
 def membership_change(command: bytes) -> membership.Change | None:
@@ -256,6 +267,15 @@ class _RaftNode(SyncObj):
             # woke in step and stood in the same tick, splitting the vote. Wake at the
             # deadline itself, so that the random part of it tells them apart.
             remaining = self._SyncObj__raftElectionDeadline - raft_clock()
+            if remaining <= 0:
+                # pysyncobj decides to stand at the start of a tick, before it reads what
+                # came in. After a long step of this node's own (installing a leader's
+                # snapshot: 0.3-0.8 s for 120 MB) the deadline had passed with the
+                # leader's messages waiting unread, and the node stood against a live
+                # leader and took its leadership away. Silence from the leader is what
+                # counts: read first, and stand only if nothing from it was there.
+                self._poller.poll(0)
+                remaining = self._SyncObj__raftElectionDeadline - raft_clock()
             if remaining > 0:
                 timeToWait = min(timeToWait, remaining)
         due = self._commit_notice_due
@@ -284,6 +304,14 @@ class _RaftNode(SyncObj):
         if message.get("type") == "append_entries" and message.get("entries"):
             message = without_held_entries(self._raftchan_journal, message)
         SyncObj._SyncObj__onMessageReceived(self, node, message)
+        if _is_snapshot_chunk_before_last(message) and self._getLeader() == node:
+            # pysyncobj's follower answers a snapshot only after its last chunk. A leader
+            # whose messages go unanswered for the connection timeout (1 s) closes the
+            # connection and starts the transfer over: a 120 MB snapshot never got
+            # through in one go, and the follower, cut off, stood for election. Answer
+            # each chunk, as Raft's InstallSnapshot does; an answer that neither resets
+            # nor confirms an index only tells the leader it was heard.
+            self._SyncObj__sendNextNodeIdx(node, reset=False, success=False)
 
     def _SyncObj__applyLogEntries(self) -> bool:  # noqa: N802 - overrides it
         # pysyncobj tells the followers the new commit index right after every apply: two
@@ -429,6 +457,11 @@ class Replica:
             leaderFallbackTimeout=tuning.leader_fallback_timeout,
             connectionRetryTime=tuning.connection_retry,
             connectionTimeout=max(tuning.max_timeout, 1.0),
+            # pysyncobj's 64 KiB socket buffers (and no kernel autotuning once they are
+            # set) moved a large batch or snapshot a few hundred KiB per tick of the
+            # leader. The kernel caps these at net.core.wmem_max / rmem_max.
+            sendBufferSize=PEER_SOCKET_BUFFER_BYTES,
+            recvBufferSize=PEER_SOCKET_BUFFER_BYTES,
             logCompactionMinEntries=tuning.compaction_min_entries,
             logCompactionMinTime=tuning.compaction_min_time,
             # Without a leader, fail commands at once: the server turns that into

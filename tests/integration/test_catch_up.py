@@ -1,0 +1,190 @@
+"""Followers slow at their own work keep their leader: they get its snapshot and do not stand.
+
+The followers here run with a hook that slows them where a large snapshot slows a node:
+
+- storing each received snapshot chunk takes a while, so the whole transfer outlasts
+  the leader's connection timeout. The leader used to hear nothing until the last chunk,
+  close the connection halfway and start over; the follower never caught up.
+- handling one heartbeat takes longer than an election timeout, once. pysyncobj decides
+  to stand at the start of its next round, before it reads: the follower stood against
+  its live leader with the leader's heartbeats waiting unread.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import raftchan
+from cluster.fixtures import started_cluster
+from cluster.harness import LocalCluster
+from raftchan.config import RaftTuning
+
+#: The nodes' own election timing (0.3-0.6 s; their connection timeout is then 1 s).
+DEFAULTS = RaftTuning()
+#: What storing one received 64 KiB snapshot chunk takes on the slow follower.
+CHUNK_DELAY_S = 0.01
+#: Items (64 KiB each) in the snapshot: 320 chunks, 3.2 s of transfer at CHUNK_DELAY_S.
+#: What the leader wrote into its socket (up to 8 MiB where the kernel allows) reaches
+#: the follower even after the leader closed the connection: the rest must be far more.
+ITEMS = 320
+#: How far the slow follower reads ahead of what it handled: its socket's receive
+#: buffer and the part of a connection's read buffer it fills before it parses (the
+#: bound of one message otherwise, tens of MiB, would hold the whole snapshot).
+READ_AHEAD_BYTES = 256 * 1024
+ITEM_BYTES = 64 * 1024
+#: How long the stalled follower takes over one heartbeat: longer than its largest
+#: election timeout, shorter than the leader's connection timeout.
+STALL_S = DEFAULTS.max_timeout + 0.15
+#: Bounds each wait for the cluster to reach an awaited state.
+WAIT_TIMEOUT = 60.0
+
+# Both hooks leave a file named after the process, so the test can see that the node
+# loaded it.
+_SLOW_CHUNKS_HOOK = f"""\
+import os
+import pathlib
+import time
+
+import raftchan.peer_connection
+import raftchan.replica
+import raftchan.snapshot_transfer
+
+_receive = raftchan.snapshot_transfer.SnapshotReceiver.receive
+_process_read = raftchan.peer_connection.BoundedTcpConnection._TcpConnection__processRead
+
+
+def _short_read(self):
+    return _process_read(self) and len(self._read_buffer()) < {READ_AHEAD_BYTES!r}
+
+
+def _slow_receive(self, transmission):
+    time.sleep({CHUNK_DELAY_S!r})
+    return _receive(self, transmission)
+
+
+raftchan.snapshot_transfer.SnapshotReceiver.receive = _slow_receive
+raftchan.peer_connection.BoundedTcpConnection._TcpConnection__processRead = _short_read
+raftchan.replica.PEER_SOCKET_BUFFER_BYTES = {READ_AHEAD_BYTES!r}
+(pathlib.Path(__file__).parent / f"loaded-{{os.getpid()}}").touch()
+"""
+# Stalls the handling of the next heartbeat once a file named "stall" appears beside it.
+_STALL_ONCE_HOOK = f"""\
+import os
+import pathlib
+import time
+
+import raftchan.replica
+
+_here = pathlib.Path(__file__).parent
+_on_message = raftchan.replica._RaftNode._SyncObj__onMessageReceived
+
+
+def _stalling_on_message(self, node, message):
+    _on_message(self, node, message)
+    if message.get("type") == "append_entries" and not message.get("entries"):
+        try:
+            (_here / "stall").unlink()
+        except FileNotFoundError:
+            return
+        time.sleep({STALL_S!r})
+        (_here / "stalled").touch()
+
+
+raftchan.replica._RaftNode._SyncObj__onMessageReceived = _stalling_on_message
+(_here / f"loaded-{{os.getpid()}}").touch()
+"""
+#: What a node logs when it loads a snapshot (at start, or one its leader sent).
+LOADED_LINE = "loaded snapshot at log index"
+#: What a node logs when it stands for election.
+STOOD_LINE = "raft role follower -> candidate"
+
+
+@pytest.fixture(name="local")
+def local_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalCluster]:
+    """A running 3-node cluster on the nodes' default timing that compacts often."""
+    with started_cluster(
+        request,
+        tmp_path / "cluster",
+        tuning=None,
+        extra_args=["--compaction-min-entries", "20"],
+    ) as local:
+        yield local
+
+
+def _hook_path(hook_dir: Path, hook: str) -> str:
+    """A PYTHONPATH that loads ``hook`` as ``sitecustomize`` ahead of raftchan itself."""
+    hook_dir.mkdir(parents=True, exist_ok=True)
+    (hook_dir / "sitecustomize.py").write_text(hook)
+    source_root = Path(list(raftchan.__path__)[0]).resolve().parent
+    return os.pathsep.join([str(hook_dir), str(source_root)])
+
+
+def _wait_for(condition: str, check: Callable[[], bool], timeout: float = WAIT_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {condition}"
+        time.sleep(0.05)
+
+
+def _restart_with_hook(local: LocalCluster, i: int, hook_dir: Path, hook: str) -> None:
+    local.set_node_env(i, "PYTHONPATH", _hook_path(hook_dir, hook))
+    local.restart(i)
+    marker = hook_dir / f"loaded-{local.nodes[i].pid}"
+    _wait_for(f"{local.names[i]} loaded the hook", marker.exists, timeout=10.0)
+
+
+def _this_start(log: str) -> str:
+    """What a node logged since its latest start."""
+    return log[log.rindex("harness: start") :]
+
+
+def test_a_follower_slow_to_store_a_snapshot_gets_all_of_it(
+    local: LocalCluster, tmp_path: Path
+) -> None:
+    leader = local.wait_leader(WAIT_TIMEOUT)
+    follower = (leader + 1) % local.size
+    local.kill(follower)
+    with raftchan.Client(local.addresses, timeout=WAIT_TIMEOUT) as client:
+        chan = client.channel("catch-up")
+        for _ in range(ITEMS):
+            chan.append(os.urandom(ITEM_BYTES))
+            chan.flush()  # one log entry each: enough of them for compactions
+    snapshot = local.nodes[leader].spec.data_dir / "raft.snapshot"
+    _wait_for(
+        "the leader compacted its log into a snapshot of most items",
+        lambda: snapshot.exists() and snapshot.stat().st_size > ITEMS * ITEM_BYTES // 2,
+    )
+    target = local.status()[leader]["commit_index"]
+
+    _restart_with_hook(local, follower, tmp_path / "hook", _SLOW_CHUNKS_HOOK)
+    _wait_for(
+        "the slow follower applied what the leader had committed",
+        lambda: (local.status()[follower].get("applied_index") or 0) >= target,
+    )
+    log = _this_start(local.logs()[local.names[follower]])
+    assert LOADED_LINE in log, "the follower caught up without the leader's snapshot"
+
+
+def test_a_follower_that_stalled_reads_its_leader_before_it_stands(
+    local: LocalCluster, tmp_path: Path
+) -> None:
+    leader = local.wait_leader(WAIT_TIMEOUT)
+    follower = (leader + 1) % local.size
+    hook_dir = tmp_path / "hook"
+    _restart_with_hook(local, follower, hook_dir, _STALL_ONCE_HOOK)
+    local.wait_ready(WAIT_TIMEOUT)
+    term = local.status()[leader]["term"]
+
+    (hook_dir / "stall").touch()
+    _wait_for("the follower stalled on a heartbeat", (hook_dir / "stalled").exists)
+    time.sleep(2 * DEFAULTS.max_timeout)  # when it would have stood, and the vote after
+
+    statuses = local.status()
+    assert STOOD_LINE not in _this_start(local.logs()[local.names[follower]])
+    assert [status["term"] for status in statuses] == [term] * local.size, statuses
+    assert statuses[leader]["role"] == "leader", statuses
