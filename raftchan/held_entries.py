@@ -14,6 +14,13 @@ leader's (same index, other term). :func:`without_held_entries` rewrites an
 append-entries message so that pysyncobj starts after the entries the follower already
 holds: by the log matching property an entry with the same index and term is the same
 entry, and so is everything before it.
+
+When the follower holds every entry sent and more after them, that is not enough:
+pysyncobj, handed no entries after ``prevLogIdx``, deletes whatever follows it. Raft
+deletes nothing without a conflict. :func:`as_heartbeat_if_all_held` turns such a message
+into one pysyncobj handles as a heartbeat at the end of the log, with the commit index
+held to what the message showed to match; the follower's answer must then name the
+entry after the last one sent, not after its whole log, which it has not shown to match.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["without_held_entries"]
+__all__ = ["as_heartbeat_if_all_held", "without_held_entries"]
 
 #: One log entry as pysyncobj keeps it: (command, index, term).
 Entry = tuple[Any, int, int]
@@ -50,3 +57,31 @@ def without_held_entries(log: Sequence[Entry], message: dict[str, Any]) -> dict[
         return message
     _command, index, term = entries[held - 1]
     return {**message, "entries": entries[held:], "prevLogIdx": index, "prevLogTerm": term}
+
+
+def as_heartbeat_if_all_held(
+    log: Sequence[Entry], message: dict[str, Any]
+) -> tuple[dict[str, Any], int] | None:
+    """For ``message`` (an append-entries with ``entries``) all of whose entries ``log``
+    holds, with more entries after them: the message pysyncobj should handle instead,
+    and the next index the follower's answer must name. None in every other case (then
+    :func:`without_held_entries` applies).
+
+    The message has no entries and names ``log``'s last entry as ``prevLogIdx`` and
+    ``prevLogTerm``, so pysyncobj neither cuts nor appends; its ``commit_index`` is at
+    most the last entry sent, so entries the leader did not vouch for are not applied.
+    """
+    trimmed = without_held_entries(log, message)
+    if trimmed is message or trimmed["entries"]:
+        return None
+    last_sent = trimmed["prevLogIdx"]
+    _command, last_index, last_term = log[-1]
+    if last_index <= last_sent:
+        return None
+    heartbeat = {
+        **trimmed,
+        "prevLogIdx": last_index,
+        "prevLogTerm": last_term,
+        "commit_index": min(message["commit_index"], last_sent),
+    }
+    return heartbeat, last_sent + 1

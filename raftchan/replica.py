@@ -59,7 +59,7 @@ from raftchan.errors import (
     NotLeader,
     RaftchanError,
 )
-from raftchan.held_entries import without_held_entries
+from raftchan.held_entries import as_heartbeat_if_all_held, without_held_entries
 from raftchan.limits import Limits
 from raftchan.peer_connection import PICKLE_PROTOCOL, install_message_bound
 from raftchan.snapshot_transfer import SnapshotReceiver
@@ -246,6 +246,9 @@ class _RaftNode(SyncObj):
         self.raftchan_refusal: str | None = None
         #: When the commit index applied last must go out if no command carries it first.
         self._commit_notice_due: float | None = None
+        #: While a message is handled: the next index its answer must name, if not
+        #: pysyncobj's (see _SyncObj__sendNextNodeIdx).
+        self._raftchan_answer_next: int | None = None
         super().__init__(**kwargs)
         # Steps at the end of every tick, after its new commands went out:
         self.addOnTickCallback(self._send_commit_notice_if_due)
@@ -302,8 +305,15 @@ class _RaftNode(SyncObj):
         # Overrides pysyncobj's: entries sent again are not cut and rewritten (see
         # raftchan.held_entries). Chunked messages carry no "entries" until assembled.
         if message.get("type") == "append_entries" and message.get("entries"):
-            message = without_held_entries(self._raftchan_journal, message)
-        SyncObj._SyncObj__onMessageReceived(self, node, message)
+            heartbeat = as_heartbeat_if_all_held(self._raftchan_journal, message)
+            if heartbeat is None:
+                message = without_held_entries(self._raftchan_journal, message)
+            else:
+                message, self._raftchan_answer_next = heartbeat
+        try:
+            SyncObj._SyncObj__onMessageReceived(self, node, message)
+        finally:
+            self._raftchan_answer_next = None
         if _is_snapshot_chunk_before_last(message) and self._getLeader() == node:
             # pysyncobj's follower answers a snapshot only after its last chunk. A leader
             # whose messages go unanswered for the connection timeout (1 s) closes the
@@ -312,6 +322,21 @@ class _RaftNode(SyncObj):
             # each chunk, as Raft's InstallSnapshot does; an answer that neither resets
             # nor confirms an index only tells the leader it was heard.
             self._SyncObj__sendNextNodeIdx(node, reset=False, success=False)
+
+    def _SyncObj__sendNextNodeIdx(  # noqa: N802 - overrides it
+        self,
+        node: Any,
+        reset: bool = False,
+        nextNodeIdx: int | None = None,  # noqa: N803 - pysyncobj's name
+        success: bool = False,
+    ) -> None:
+        # Entries all held answered as a heartbeat at the end of the log: the answer
+        # confirms the entries sent, not the rest of the log (see raftchan.held_entries).
+        if success and self._raftchan_answer_next is not None:
+            nextNodeIdx = self._raftchan_answer_next
+        SyncObj._SyncObj__sendNextNodeIdx(
+            self, node, reset=reset, nextNodeIdx=nextNodeIdx, success=success
+        )
 
     def _SyncObj__applyLogEntries(self) -> bool:  # noqa: N802 - overrides it
         # pysyncobj tells the followers the new commit index right after every apply: two
