@@ -63,6 +63,7 @@ from raftchan.held_entries import as_heartbeat_if_all_held, without_held_entries
 from raftchan.limits import Limits
 from raftchan.peer_connection import PICKLE_PROTOCOL, install_message_bound
 from raftchan.snapshot_transfer import SnapshotReceiver
+from raftchan.snapshot_writer import BackgroundSnapshots, WriteSnapshot
 from raftchan.state import ChannelState, Result
 
 logger = logging.getLogger(__name__)
@@ -163,6 +164,10 @@ class _SyncBeforeSendTransport(TCPTransport):
 
 
 _MEMBERSHIP_TYPE = bytes([_COMMAND_TYPE.MEMBERSHIP])
+
+
+def _refuse_snapshot_write(file_name: str, data: Any) -> None:
+    raise RuntimeError("snapshots are written by raftchan.snapshot_writer")
 
 
 def _is_snapshot_chunk_before_last(message: Any) -> bool:
@@ -416,7 +421,8 @@ class Replica:
     ``on_applied(position)``, ``on_role_changed()`` and ``on_fatal(reason)`` are called on
     the asyncio loop (never in pysyncobj's thread); after ``on_fatal`` the node must stop.
     ``on_snapshot_written(seconds)`` is called in pysyncobj's thread after each snapshot
-    written, with the time it took; it must be quick and thread-safe.
+    of its own written (in the background), with the time it took; it must be quick and
+    thread-safe.
     Read :attr:`state` only while holding :attr:`lock`.
     """
 
@@ -462,7 +468,9 @@ class Replica:
         conf = SyncObjConf(
             journalFile=journal_path,
             fullDumpFile=snapshot_path,
-            serializer=self._write_snapshot,
+            # Never called: the serializer is replaced right below (BackgroundSnapshots).
+            # Set, so that pysyncobj hands a serializer no pickle of its own state.
+            serializer=_refuse_snapshot_write,
             deserializer=self._read_snapshot,
             # A serializer turns fork off anyway; say so, since a forked child would
             # snapshot a state another thread may be mutating.
@@ -506,9 +514,21 @@ class Replica:
             conf=conf,
             transportClass=self._transport_class,
         )
-        # Snapshots sent by a leader go through a receiver that installs only whole ones.
-        self._snapshot_receiver = SnapshotReceiver(snapshot_path)
-        self._node._SyncObj__serializer.setTransmissionData = self._snapshot_receiver.receive
+        # This node's snapshots are written in the background (see raftchan.snapshot_writer).
+        self._snapshots = BackgroundSnapshots(
+            snapshot_path,
+            conf.logCompactionBatchSize,
+            self._capture_snapshot,
+            self._read_snapshot,
+            on_written=self._on_snapshot_written,
+        )
+        self._node._SyncObj__serializer = self._snapshots
+        # Snapshots sent by a leader go through a receiver that installs only whole ones,
+        # and not before a snapshot of this node's own has been written.
+        self._snapshot_receiver = SnapshotReceiver(
+            snapshot_path, before_install=self._snapshots.wait
+        )
+        self._snapshots.setTransmissionData = self._snapshot_receiver.receive
 
     def _members_from_disk(self, data_dir: Path, snapshot_path: str) -> list[str]:
         """The membership at the end of this node's log: the snapshot's members (or the
@@ -544,8 +564,9 @@ class Replica:
         self._call_in_loop(self._on_applied, position)
         return results
 
-    def _write_snapshot(self, file_name: str, data: Any) -> None:
-        started = time.perf_counter()
+    def _capture_snapshot(self, data: Any) -> WriteSnapshot:
+        # In pysyncobj's thread, which applies entries: the state now is the state at
+        # the snapshot's last entry. The file is written on the snapshot writer's thread.
         last_entry, prev_entry, cluster = data
         with self.lock:
             state_bytes = self.state.to_bytes()
@@ -553,8 +574,11 @@ class Replica:
         # the membership as of its own index, so undo the changes logged after it.
         current = [getattr(node, "id", str(node)) for node in cluster]
         node_ids = membership.undo_changes(current, self.journal.changes_after(last_entry[1]))
-        snapshot_module.write_snapshot(file_name, last_entry, prev_entry, node_ids, state_bytes)
-        self._on_snapshot_written(time.perf_counter() - started)
+
+        def write(path: str) -> None:
+            snapshot_module.write_snapshot(path, last_entry, prev_entry, node_ids, state_bytes)
+
+        return write
 
     def _read_snapshot(self, file_name: str) -> tuple[Any, Any, Any]:
         try:
@@ -805,4 +829,5 @@ class Replica:
         while self._node.tick_thread_alive() and time.monotonic() < deadline:
             time.sleep(0.01)
         self._snapshot_receiver.close()
+        self._snapshots.wait(max(0.0, deadline - time.monotonic()))
         self.journal.sync()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from typing import BinaryIO
 
 from raftchan.snapshot import SnapshotCorrupt, fsync_directory, read_snapshot_meta
@@ -33,9 +34,15 @@ class SnapshotReceiver:
     verified snapshot now is at ``path``.
     """
 
-    def __init__(self, path: str) -> None:
-        """Also removes what a transfer cut short by a crash left behind."""
+    def __init__(self, path: str, before_install: Callable[[], object] = lambda: None) -> None:
+        """Also removes what a transfer cut short by a crash left behind.
+
+        ``before_install()`` is called right before a verified snapshot replaces the
+        node's own (the node waits there for a snapshot of its own still being written,
+        which would otherwise replace the leader's).
+        """
         self.path = path
+        self._before_install = before_install
         self.incoming = path + ".incoming"
         self._file: BinaryIO | None = None
         self._discard()
@@ -74,6 +81,7 @@ class SnapshotReceiver:
             logger.warning("refusing a snapshot sent by the leader: %s", exc)
             self._discard()
             return False
+        self._before_install()
         os.replace(self.incoming, self.path)
         fsync_directory(os.path.dirname(os.path.abspath(self.path)))
         return True

@@ -71,3 +71,20 @@ def test_chunks_without_a_start_are_ignored_and_leftovers_are_removed(tmp_path: 
     assert not any(receiver.receive(chunk) for chunk in chunks[1:])
     assert receiver.receive(None) is False
     assert not path.exists()
+
+
+def test_the_node_is_asked_right_before_a_whole_transfer_replaces_its_snapshot(
+    tmp_path: Path,
+) -> None:
+    # The node waits there for a snapshot of its own still being written, which would
+    # otherwise replace the leader's newer one.
+    path = tmp_path / "raft.snapshot"
+    path.write_bytes(_snapshot_bytes(tmp_path, 10, b"old" * 1000))
+    seen_at_the_call: list[int] = []
+    receiver = SnapshotReceiver(
+        str(path), before_install=lambda: seen_at_the_call.append(read_snapshot(path).last_entry[1])
+    )
+    for chunk in _chunks(_snapshot_bytes(tmp_path, 50, os.urandom(50_000))):
+        receiver.receive(chunk)
+    assert seen_at_the_call == [10]
+    assert read_snapshot(path).last_entry[1] == 50

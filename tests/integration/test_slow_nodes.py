@@ -1,7 +1,10 @@
-"""Followers slow at their own work keep their leader: they get its snapshot and do not stand.
+"""Nodes slow at their own work keep their leader, and followers catch up with it.
 
-The followers here run with a hook that slows them where a large snapshot slows a node:
+The nodes here run with hooks that slow them where a large state slows a node:
 
+- writing a snapshot takes longer than an election timeout. pysyncobj wrote it in the
+  thread that sends heartbeats: a leader went silent at every compaction, and lost its
+  leadership.
 - storing each received snapshot chunk takes a while, so the whole transfer outlasts
   the leader's connection timeout. The leader used to hear nothing until the last chunk,
   close the connection halfway and start over; the follower never caught up.
@@ -40,6 +43,8 @@ ITEM_BYTES = 64 * 1024
 #: How long the stalled follower takes over one heartbeat: longer than its largest
 #: election timeout, shorter than the leader's connection timeout.
 STALL_S = DEFAULTS.max_timeout + 0.15
+#: What writing one snapshot takes on every node of the slow-snapshot cluster.
+SNAPSHOT_WRITE_S = 3 * DEFAULTS.max_timeout
 #: Bounds each wait for the cluster to reach an awaited state.
 WAIT_TIMEOUT = 60.0
 
@@ -97,6 +102,26 @@ def _stalling_on_message(self, node, message):
 
 raftchan.replica._RaftNode._SyncObj__onMessageReceived = _stalling_on_message
 (_here / f"loaded-{{os.getpid()}}").touch()
+"""
+# Slows every snapshot write (wherever the node does it).
+_SLOW_SNAPSHOT_HOOK = f"""\
+import os
+import pathlib
+import time
+
+import raftchan.snapshot
+
+_write_snapshot = raftchan.snapshot.write_snapshot
+
+
+def _slow_write_snapshot(*args, **kwargs):
+    time.sleep({SNAPSHOT_WRITE_S!r})
+    _write_snapshot(*args, **kwargs)
+    (pathlib.Path(__file__).parent / f"wrote-{{os.getpid()}}-{{time.monotonic_ns()}}").touch()
+
+
+raftchan.snapshot.write_snapshot = _slow_write_snapshot
+(pathlib.Path(__file__).parent / f"loaded-{{os.getpid()}}").touch()
 """
 #: What a node logs when it loads a snapshot (at start, or one its leader sent).
 LOADED_LINE = "loaded snapshot at log index"
@@ -187,4 +212,34 @@ def test_a_follower_that_stalled_reads_its_leader_before_it_stands(
     statuses = local.status()
     assert STOOD_LINE not in _this_start(local.logs()[local.names[follower]])
     assert [status["term"] for status in statuses] == [term] * local.size, statuses
+    assert statuses[leader]["role"] == "leader", statuses
+
+
+def test_a_leader_slow_to_write_its_snapshots_keeps_its_leadership(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    hook_dir = tmp_path / "hook"
+    with started_cluster(
+        request,
+        tmp_path / "cluster",
+        tuning=None,
+        extra_args=["--compaction-min-entries", "20"],
+        env={"PYTHONPATH": _hook_path(hook_dir, _SLOW_SNAPSHOT_HOOK)},
+    ) as slow:
+        for node in slow.nodes:
+            assert (hook_dir / f"loaded-{node.pid}").exists(), f"{node.spec.name} has no hook"
+        leader = slow.wait_leader(WAIT_TIMEOUT)
+        term = slow.status()[leader]["term"]
+        leader_writes = f"wrote-{slow.nodes[leader].pid}-*"
+        deadline = time.monotonic() + WAIT_TIMEOUT
+        with raftchan.Client(slow.addresses, timeout=WAIT_TIMEOUT) as client:
+            chan = client.channel("compacted")
+            n = 0
+            while len(list(hook_dir.glob(leader_writes))) < 3:
+                assert time.monotonic() < deadline, "the leader wrote too few snapshots"
+                chan.append(n)
+                chan.flush()  # one log entry each: a compaction every 20 or so
+                n += 1
+        statuses = slow.status()
+    assert [status["term"] for status in statuses] == [term] * slow.size, statuses
     assert statuses[leader]["role"] == "leader", statuses

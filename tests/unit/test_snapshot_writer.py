@@ -1,0 +1,85 @@
+"""Snapshots written on a thread of their own, as pysyncobj's serializer is asked for them."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from pysyncobj.serializer import SERIALIZER_STATE
+
+from raftchan.snapshot_writer import BackgroundSnapshots, WriteSnapshot
+
+#: Bounds each wait for the writer's thread.
+WAIT_TIMEOUT = 10.0
+
+
+class _GatedWrite:
+    """A capture whose write blocks until the test opens the gate."""
+
+    def __init__(self, content: bytes, error: Exception | None = None) -> None:
+        self.content = content
+        self.error = error
+        self.gate = threading.Event()
+        self.captured: list[object] = []
+
+    def capture(self, data: object) -> WriteSnapshot:
+        self.captured.append(data)
+
+        def write(path: str) -> None:
+            Path(path).write_bytes(self.content[:1])  # a partial file while it waits
+            assert self.gate.wait(WAIT_TIMEOUT)
+            if self.error is not None:
+                raise self.error
+            Path(path).write_bytes(self.content)
+
+        return write
+
+
+def _snapshots(path: Path, write: _GatedWrite, written: list[float]) -> BackgroundSnapshots:
+    return BackgroundSnapshots(str(path), 65536, write.capture, lambda name: None, written.append)
+
+
+def test_a_snapshot_is_written_in_the_background_and_reported_once_done(tmp_path: Path) -> None:
+    path = tmp_path / "raft.snapshot"
+    path.write_bytes(b"old")
+    write = _GatedWrite(b"new snapshot")
+    written: list[float] = []
+    snapshots = _snapshots(path, write, written)
+    assert snapshots.checkSerializing() == (SERIALIZER_STATE.NOT_SERIALIZING, None)
+
+    snapshots.serialize((None, ("last",), ("prev",), {"n1"}), 41)  # returns while it writes
+    assert write.captured == [(("last",), ("prev",), {"n1"})]
+    assert snapshots.checkSerializing() == (SERIALIZER_STATE.SERIALIZING, 41)
+    assert path.read_bytes() == b"old"  # the old one stays in place until the new is whole
+    snapshots.serialize((None, ("later",), ("prev",), set()), 42)  # ignored meanwhile
+    assert len(write.captured) == 1
+
+    write.gate.set()
+    assert snapshots.wait(WAIT_TIMEOUT)
+    assert path.read_bytes() == b"new snapshot"
+    assert snapshots.checkSerializing() == (SERIALIZER_STATE.SUCCESS, 41)
+    assert len(written) == 1
+    assert snapshots.checkSerializing() == (SERIALIZER_STATE.NOT_SERIALIZING, None)
+
+
+def test_a_failed_write_is_reported_and_leaves_the_old_snapshot(tmp_path: Path) -> None:
+    path = tmp_path / "raft.snapshot"
+    path.write_bytes(b"old")
+    write = _GatedWrite(b"new", error=OSError(28, "No space left on device"))
+    written: list[float] = []
+    snapshots = _snapshots(path, write, written)
+    snapshots.serialize((None, ("last",), ("prev",), set()), 7)
+    write.gate.set()
+    assert snapshots.wait(WAIT_TIMEOUT)
+    assert snapshots.checkSerializing() == (SERIALIZER_STATE.FAILED, 7)
+    assert path.read_bytes() == b"old"
+    assert written == []
+
+
+def test_wait_gives_up_after_its_timeout_while_a_write_goes_on(tmp_path: Path) -> None:
+    write = _GatedWrite(b"new")
+    snapshots = _snapshots(tmp_path / "raft.snapshot", write, [])
+    snapshots.serialize((None, ("last",), ("prev",), set()), 3)
+    assert not snapshots.wait(0.05)
+    write.gate.set()
+    assert snapshots.wait(WAIT_TIMEOUT)
