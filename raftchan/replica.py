@@ -72,7 +72,7 @@ JOURNAL_FILE = "raft.journal"
 SNAPSHOT_FILE = "raft.snapshot"
 
 _ROLE_NAMES = {0: "follower", 1: "candidate", 2: "leader"}
-#: Socket buffers asked for on peer connections (see the SyncObjConf in _RaftNode).
+#: Socket buffers asked for on peer connections (see the SyncObjConf in Replica).
 PEER_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
 

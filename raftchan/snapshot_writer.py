@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 WriteSnapshot = Callable[[str], None]
 
 
+def _no_write(path: str) -> None:
+    raise AssertionError("a failed write is never run")
+
+
 class _Write:
     """One snapshot being written on its own thread."""
 
@@ -52,6 +56,13 @@ class _Write:
         self.thread = threading.Thread(
             target=self._run, name=f"raftchan-snapshot-{index}", daemon=True
         )
+
+    @classmethod
+    def failed(cls, index: int, error: BaseException) -> _Write:
+        """A write that failed before it could start (its thread is never started)."""
+        failed = cls(index, _no_write, "", time.perf_counter())
+        failed.error = error
+        return failed
 
     def _run(self) -> None:
         tmp = self._path + ".tmp"
@@ -95,7 +106,11 @@ class BackgroundSnapshots(Serializer):
         if self._current is not None:
             return
         started = time.perf_counter()
-        write = self._capture(data[1:])
+        try:
+            write = self._capture(data[1:])
+        except Exception as exc:  # noqa: BLE001 - an exception would end pysyncobj's thread
+            self._current = _Write.failed(index, exc)
+            return
         self._current = _Write(index, write, self.path, started)
         self._current.thread.start()
 
