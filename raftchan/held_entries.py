@@ -17,10 +17,10 @@ entry, and so is everything before it.
 
 When the follower holds every entry sent and more after them, that is not enough:
 pysyncobj, handed no entries after ``prevLogIdx``, deletes whatever follows it. Raft
-deletes nothing without a conflict. :func:`as_heartbeat_if_all_held` turns such a message
-into one pysyncobj handles as a heartbeat at the end of the log, with the commit index
-held to what the message showed to match; the follower's answer must then name the
-entry after the last one sent, not after its whole log, which it has not shown to match.
+deletes nothing without a conflict. :func:`for_follower` turns such a message into one
+pysyncobj handles as a heartbeat at the end of the log, with the commit index held to
+what the message showed to match; the follower's answer must then name the entry after
+the last one sent, not after its whole log, which it has not shown to match.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["as_heartbeat_if_all_held", "without_held_entries"]
+__all__ = ["for_follower", "without_held_entries"]
 
 #: One log entry as pysyncobj keeps it: (command, index, term).
 Entry = tuple[Any, int, int]
@@ -59,25 +59,25 @@ def without_held_entries(log: Sequence[Entry], message: dict[str, Any]) -> dict[
     return {**message, "entries": entries[held:], "prevLogIdx": index, "prevLogTerm": term}
 
 
-def as_heartbeat_if_all_held(
+def for_follower(
     log: Sequence[Entry], message: dict[str, Any]
-) -> tuple[dict[str, Any], int] | None:
-    """For ``message`` (an append-entries with ``entries``) all of whose entries ``log``
-    holds, with more entries after them: the message pysyncobj should handle instead,
-    and the next index the follower's answer must name. None in every other case (then
-    :func:`without_held_entries` applies).
+) -> tuple[dict[str, Any], int | None]:
+    """The append-entries ``message`` (with ``entries``) a follower holding ``log`` should
+    hand pysyncobj, and the next index its answer must name (None: pysyncobj's own).
 
-    The message has no entries and names ``log``'s last entry as ``prevLogIdx`` and
-    ``prevLogTerm``, so pysyncobj neither cuts nor appends; its ``commit_index`` is at
-    most the last entry sent, so entries the leader did not vouch for are not applied.
+    That is :func:`without_held_entries`, except when ``log`` holds every entry sent and
+    more after them: then the message has no entries and names ``log``'s last entry as
+    ``prevLogIdx`` and ``prevLogTerm``, so pysyncobj neither cuts nor appends; its
+    ``commit_index`` is at most the last entry sent, so entries the leader did not vouch
+    for are not applied; and the answer names the entry after the last one sent.
     """
     trimmed = without_held_entries(log, message)
     if trimmed is message or trimmed["entries"]:
-        return None
+        return trimmed, None
     last_sent = trimmed["prevLogIdx"]
     _command, last_index, last_term = log[-1]
     if last_index <= last_sent:
-        return None
+        return trimmed, None
     heartbeat = {
         **trimmed,
         "prevLogIdx": last_index,

@@ -59,7 +59,7 @@ from raftchan.errors import (
     NotLeader,
     RaftchanError,
 )
-from raftchan.held_entries import as_heartbeat_if_all_held, without_held_entries
+from raftchan.held_entries import for_follower
 from raftchan.limits import Limits
 from raftchan.peer_connection import PICKLE_PROTOCOL, install_message_bound
 from raftchan.snapshot_transfer import SnapshotReceiver
@@ -310,11 +310,7 @@ class _RaftNode(SyncObj):
         # Overrides pysyncobj's: entries sent again are not cut and rewritten (see
         # raftchan.held_entries). Chunked messages carry no "entries" until assembled.
         if message.get("type") == "append_entries" and message.get("entries"):
-            heartbeat = as_heartbeat_if_all_held(self._raftchan_journal, message)
-            if heartbeat is None:
-                message = without_held_entries(self._raftchan_journal, message)
-            else:
-                message, self._raftchan_answer_next = heartbeat
+            message, self._raftchan_answer_next = for_follower(self._raftchan_journal, message)
         try:
             SyncObj._SyncObj__onMessageReceived(self, node, message)
         finally:

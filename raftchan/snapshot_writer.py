@@ -39,10 +39,6 @@ logger = logging.getLogger(__name__)
 WriteSnapshot = Callable[[str], None]
 
 
-def _no_write(path: str) -> None:
-    raise AssertionError("a failed write is never run")
-
-
 class _Write:
     """One snapshot being written on its own thread."""
 
@@ -56,13 +52,6 @@ class _Write:
         self.thread = threading.Thread(
             target=self._run, name=f"raftchan-snapshot-{index}", daemon=True
         )
-
-    @classmethod
-    def failed(cls, index: int, error: BaseException) -> _Write:
-        """A write that failed before it could start (its thread is never started)."""
-        failed = cls(index, _no_write, "", time.perf_counter())
-        failed.error = error
-        return failed
 
     def _run(self) -> None:
         tmp = self._path + ".tmp"
@@ -108,8 +97,10 @@ class BackgroundSnapshots(Serializer):
         started = time.perf_counter()
         try:
             write = self._capture(data[1:])
-        except Exception as exc:  # noqa: BLE001 - an exception would end pysyncobj's thread
-            self._current = _Write.failed(index, exc)
+        except Exception:  # noqa: BLE001 - an exception would end pysyncobj's thread
+            # Nothing was started: pysyncobj tries again on a later tick, as after a
+            # failed write.
+            logger.exception("cannot take the state for snapshot %s", self.path)
             return
         self._current = _Write(index, write, self.path, started)
         self._current.thread.start()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from raftchan.held_entries import as_heartbeat_if_all_held, without_held_entries
+from raftchan.held_entries import for_follower, without_held_entries
 
 #: A follower's log: indexes 5..9; term 2 up to 7, term 3 after (index 5 is the entry a
 #: snapshot ended at, kept as pysyncobj keeps it).
@@ -70,7 +70,7 @@ def test_entries_before_the_log_or_into_an_empty_log_are_unchanged() -> None:
 def test_entries_all_held_before_more_become_a_heartbeat_at_the_end_of_the_log() -> None:
     # pysyncobj would delete 9 (after the last entry sent), acknowledged and applied.
     sent = {**message((6, 2), (b"c7", 7, 2), (b"c8", 8, 3)), "commit_index": 9}
-    heartbeat, answer_next = as_heartbeat_if_all_held(LOG, sent) or ({}, 0)
+    heartbeat, answer_next = for_follower(LOG, sent)
     assert heartbeat == {
         **sent,
         "entries": [],
@@ -83,14 +83,14 @@ def test_entries_all_held_before_more_become_a_heartbeat_at_the_end_of_the_log()
 
 def test_a_heartbeat_keeps_a_commit_index_below_the_last_entry_sent() -> None:
     sent = message((6, 2), (b"c7", 7, 2), (b"c8", 8, 3))
-    heartbeat, _next = as_heartbeat_if_all_held(LOG, sent) or ({}, 0)
+    heartbeat, _next = for_follower(LOG, sent)
     assert heartbeat["commit_index"] == 6
 
 
-def test_only_entries_all_held_before_more_become_a_heartbeat() -> None:
+def test_other_messages_are_trimmed_of_held_entries_and_answered_as_pysyncobj_does() -> None:
     reaching_the_end = message((6, 2), (b"c7", 7, 2), (b"c8", 8, 3), (b"c9", 9, 3))
     with_new = message((8, 3), (b"c9", 9, 3), (b"c10", 10, 3))
     conflicting = message((7, 2), (b"x8", 8, 4))
     new = message((9, 3), (b"c10", 10, 3))
     for sent in (reaching_the_end, with_new, conflicting, new):
-        assert as_heartbeat_if_all_held(LOG, sent) is None, sent
+        assert for_follower(LOG, sent) == (without_held_entries(LOG, sent), None), sent
