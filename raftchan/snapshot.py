@@ -122,9 +122,14 @@ def write_snapshot(
     last_entry: Entry,
     prev_entry: Entry,
     node_ids: Iterable[str],
-    state: bytes | bytearray | memoryview,
+    state: bytes | bytearray | memoryview | Iterable[bytes],
 ) -> None:
     """Write a snapshot to exactly ``path`` and fsync the file.
+
+    ``state`` is the state machine's bytes, whole or as consecutive pieces (see
+    :func:`raftchan.packing.packb_in_pieces`): pieces are written as they come, so the
+    whole blob is never in memory at once, and the header's length and checksum are
+    filled in once the last piece is written.
 
     When this returns, the file's contents are on disk. The directory entry is *not*
     fsynced: pysyncobj passes a ``.tmp`` name and renames the file into place itself;
@@ -135,26 +140,34 @@ def write_snapshot(
     nodes = list(node_ids)
     if not all(isinstance(n, str) for n in nodes):
         raise TypeError("node_ids must be strings")
-    if not isinstance(state, (bytes, bytearray, memoryview)):
-        raise TypeError(f"state must be bytes, not {type(state).__name__}")
-    state_view = memoryview(state).cast("B")
+    if isinstance(state, (bytes, bytearray, memoryview)):
+        pieces: Iterable[Any] = [memoryview(state).cast("B")]
+    elif isinstance(state, Iterable) and not isinstance(state, str):
+        pieces = state
+    else:
+        raise TypeError(f"state must be bytes or pieces of bytes, not {type(state).__name__}")
 
     meta = msgpack.packb([list(last), list(prev), nodes], use_bin_type=True)
-    header = _HEADER.pack(
-        MAGIC,
-        FORMAT_VERSION,
-        len(meta),
-        zlib.crc32(meta),
-        zlib.crc32(state_view),
-        len(state_view),
-    )
     with open(path, "wb") as f:
-        f.write(header)
+        # The state's length and checksum are known only at its end: the header is
+        # written again then, and the file is fsynced after that.
+        f.write(_header(meta, 0, 0))
         f.write(meta)
-        # Written separately so a large state blob is not copied into one buffer with the rest.
-        f.write(state_view)
+        crc = length = 0
+        for piece in pieces:
+            if not isinstance(piece, (bytes, bytearray, memoryview)):
+                raise TypeError(f"a piece of the state must be bytes, not {type(piece).__name__}")
+            crc = zlib.crc32(piece, crc)
+            length += len(piece)
+            f.write(piece)
+        f.seek(0)
+        f.write(_header(meta, crc, length))
         f.flush()
         os.fsync(f.fileno())
+
+
+def _header(meta: bytes, state_crc: int, state_len: int) -> bytes:
+    return _HEADER.pack(MAGIC, FORMAT_VERSION, len(meta), zlib.crc32(meta), state_crc, state_len)
 
 
 def _read_exact(f: BinaryIO, n: int, what: str, path: str) -> bytes:

@@ -488,31 +488,37 @@ class ChannelState:
 
     def to_bytes(self) -> bytes:
         """The whole state as msgpack bytes (the snapshot payload)."""
-        return msgpack.packb(
-            {
-                "v": SNAPSHOT_VERSION,
-                "position": self.position,
-                "limits": list(self._limits),
-                "channels": {
-                    name: [
-                        c.maxlen,
-                        c.stopped,
-                        c.first,
-                        c.items[c.offset :],
-                        [[index, keys] for index, keys in sorted(c.keys.items())],
-                        sorted(c.lost),
-                    ]
-                    for name, c in self.channels.items()
-                },
-                "sessions": [
-                    [sid, s.last_seq, [list(r) for r in s.ranges]]
-                    for sid, s in self.sessions.items()
-                ],
-                "nodes": [[n.name, n.raft_address, n.client_address] for n in self.nodes.values()],
-                "forgotten": list(self.forgotten),
+        return msgpack.packb(self.snapshot_fields(), use_bin_type=True)
+
+    def snapshot_fields(self) -> dict[str, Any]:
+        """The whole state as the value :meth:`to_bytes` encodes, sharing nothing this
+        state goes on to change: it may be encoded on another thread while entries are
+        applied (see :func:`raftchan.packing.packb_in_pieces`).
+
+        Cheap beside encoding: the item lists are copied, the items themselves (immutable
+        bytes) are not (2 ms per million items, against 48 ms to encode them).
+        """
+        return {
+            "v": SNAPSHOT_VERSION,
+            "position": self.position,
+            "limits": list(self._limits),
+            "channels": {
+                name: [
+                    c.maxlen,
+                    c.stopped,
+                    c.first,
+                    c.items[c.offset :],
+                    [[index, keys] for index, keys in sorted(c.keys.items())],
+                    sorted(c.lost),
+                ]
+                for name, c in self.channels.items()
             },
-            use_bin_type=True,
-        )
+            "sessions": [
+                [sid, s.last_seq, [list(r) for r in s.ranges]] for sid, s in self.sessions.items()
+            ],
+            "nodes": [[n.name, n.raft_address, n.client_address] for n in self.nodes.values()],
+            "forgotten": list(self.forgotten),
+        }
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ChannelState:

@@ -166,3 +166,17 @@ def test_fsync_directory(tmp_path: Path) -> None:
     fsync_directory(tmp_path)
     with pytest.raises(FileNotFoundError):
         fsync_directory(str(tmp_path / "missing"))
+
+
+def test_a_state_in_pieces_is_written_whole(tmp_path: Path) -> None:
+    path = tmp_path / "dump.bin"
+    pieces = (p for p in [b"ab", b"", bytearray(b"cd"), memoryview(b"ef"), b"g" * 3_000_000])
+    write_snapshot(path, LAST, PREV, NODES, pieces)
+    snap = read_snapshot(path)
+    assert snap.state == b"abcdef" + b"g" * 3_000_000
+    assert read_snapshot_anchor(path) == PREV
+
+
+def test_a_piece_that_is_not_bytes_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(TypeError):
+        write_snapshot(tmp_path / "dump.bin", LAST, PREV, NODES, [b"ab", "cd"])  # type: ignore[list-item]

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from raftchan.errors import ERROR_CODES
+from raftchan.packing import packb_in_pieces
 from raftchan.state import SESSION_RANGES, ChannelState, Result, encode_command
 
 LIMITS = (10_000, 10_000)  # what a new ChannelState starts with
@@ -1063,3 +1064,21 @@ def test_a_version_1_snapshot_loads_without_keys() -> None:
     assert state.pinned_keys() == {"jobs": []}
     assert append_keys(state, "jobs", A, 1, (b"y", [b"k"]))["indexes"] == [1]
     assert state.pinned_keys() == {"jobs": [b"k"]}
+
+
+def test_snapshot_fields_taken_earlier_encode_the_state_as_it_was_then() -> None:
+    # The fields are encoded on the snapshot writer's thread while entries go on being
+    # applied: nothing applied after they were taken may show in them.
+    state = opened("f", "g", maxlen=3)
+    append_keys(state, "f", A, 1, (b"1", [b"k1"]), (b"2", []), (b"3", [b"k2"]))
+    append(state, "g", B, 1, b"a", b"b")
+    run1(state, ["lost", "f", [b"k2"]])
+    expected = state.to_bytes()
+    fields = state.snapshot_fields()
+    append_keys(state, "f", A, 4, (b"4", [b"k3"]), (b"5", []))  # trims 1 and 2
+    append(state, "g", C, 1, b"c")
+    run1(state, ["lost", "f", [b"k3"]])
+    run1(state, ["stop", "g"])
+    assert state.to_bytes() != expected
+    assert b"".join(packb_in_pieces(fields, piece_bytes=8)) == expected
+    assert msgpack.packb(fields, use_bin_type=True) == expected
