@@ -518,6 +518,9 @@ class Replica:
             self._capture_snapshot,
             self._read_snapshot,
             on_written=self._on_snapshot_written,
+            # Verified here, in the background: the journal checks the snapshot before it
+            # trims itself, in pysyncobj's thread, and then finds it verified already.
+            verify=snapshot_module.read_snapshot_anchor,
         )
         self._node._SyncObj__serializer = self._snapshots
         # Snapshots sent by a leader go through a receiver that installs only whole ones,

@@ -42,11 +42,19 @@ WriteSnapshot = Callable[[str], None]
 class _Write:
     """One snapshot being written on its own thread."""
 
-    def __init__(self, index: int, write: WriteSnapshot, path: str, started: float) -> None:
+    def __init__(
+        self,
+        index: int,
+        write: WriteSnapshot,
+        verify: Callable[[str], object],
+        path: str,
+        started: float,
+    ) -> None:
         self.index = index
         self.error: BaseException | None = None
         self.seconds = 0.0
         self._write = write
+        self._verify = verify
         self._path = path
         self._started = started
         self.thread = threading.Thread(
@@ -59,6 +67,7 @@ class _Write:
             self._write(tmp)
             os.replace(tmp, self._path)
             fsync_directory(os.path.dirname(os.path.abspath(self._path)))
+            self._verify(self._path)
         except BaseException as exc:  # noqa: BLE001 - reported to pysyncobj as a failure
             self.error = exc
         self.seconds = time.perf_counter() - self._started
@@ -72,6 +81,9 @@ class BackgroundSnapshots(Serializer):
     writes that snapshot to a given path (see :data:`WriteSnapshot`); it runs on the
     writer's thread. ``on_written(seconds)`` is called in pysyncobj's thread when it
     learns of a successful write, with the time from the capture to the rename.
+    ``verify(path)`` is called on the writer's thread once the snapshot is in place; if
+    it raises, the write is reported as failed. It is there to read the new file back
+    and check it off pysyncobj's thread (see :func:`raftchan.snapshot.read_snapshot_anchor`).
     """
 
     def __init__(
@@ -81,11 +93,13 @@ class BackgroundSnapshots(Serializer):
         capture: Callable[[Any], WriteSnapshot],
         deserializer: Callable[[str], Any],
         on_written: Callable[[float], None] = lambda seconds: None,
+        verify: Callable[[str], object] = lambda path: None,
     ) -> None:
         super().__init__(path, transmission_batch_size, False, None, deserializer, None)
         self.path = path
         self._capture = capture
         self._on_written = on_written
+        self._verify = verify
         self._current: _Write | None = None
 
     def serialize(self, data: Any, index: int) -> None:
@@ -102,7 +116,7 @@ class BackgroundSnapshots(Serializer):
             # failed write.
             logger.exception("cannot take the state for snapshot %s", self.path)
             return
-        self._current = _Write(index, write, self.path, started)
+        self._current = _Write(index, write, self._verify, self.path, started)
         self._current.thread.start()
 
     def checkSerializing(self) -> tuple[int, int | None]:  # noqa: N802 - pysyncobj's name

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import raftchan.snapshot as snapshot_module
 from raftchan.snapshot import (
     FORMAT_VERSION,
     MAGIC,
@@ -180,3 +181,35 @@ def test_a_state_in_pieces_is_written_whole(tmp_path: Path) -> None:
 def test_a_piece_that_is_not_bytes_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
         write_snapshot(tmp_path / "dump.bin", LAST, PREV, NODES, [b"ab", "cd"])  # type: ignore[list-item]
+
+
+def test_an_anchor_verified_before_is_looked_up_until_the_file_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[str] = []
+    read_file = snapshot_module._read_file
+
+    def counting(path: str, *, load_state: bool) -> tuple[Snapshot, tuple[int, int, int, int]]:
+        reads.append(path)
+        return read_file(path, load_state=load_state)
+
+    monkeypatch.setattr(snapshot_module, "_read_file", counting)
+    path = _write(tmp_path / "dump.bin")
+    assert read_snapshot_anchor(path) == PREV
+    assert read_snapshot_anchor(path) == PREV
+    assert len(reads) == 1  # the second call only looked at the file's identity
+
+    # Replaced, as every snapshot is (written beside it and renamed over it): read again,
+    # and damage in the new file is found.
+    replacement = tmp_path / "dump.bin.tmp"
+    write_snapshot(replacement, LAST, (b"\x01other", 40, 3), NODES, b"state-bytes")
+    os.replace(replacement, path)
+    assert read_snapshot_anchor(path) == (b"\x01other", 40, 3)
+    assert len(reads) == 2
+    write_snapshot(replacement, LAST, PREV, NODES, b"state-bytes")
+    _flip_byte(replacement, replacement.stat().st_size - 2)  # in the state
+    os.replace(replacement, path)
+    with pytest.raises(SnapshotCorrupt):
+        read_snapshot_anchor(path)
+    path.unlink()
+    assert read_snapshot_anchor(path) is None

@@ -94,3 +94,39 @@ def test_a_capture_that_fails_starts_no_write_and_raises_nothing(tmp_path: Path)
     snapshots.serialize((None, ("last",), ("prev",), set()), 9)
     assert snapshots.checkSerializing() == (SERIALIZER_STATE.NOT_SERIALIZING, None)
     assert not (tmp_path / "raft.snapshot").exists()
+
+
+def test_the_new_snapshot_is_verified_on_the_writers_thread(tmp_path: Path) -> None:
+    path = tmp_path / "raft.snapshot"
+    seen: list[tuple[str, bytes, str]] = []
+
+    def verify(name: str) -> None:
+        seen.append((name, Path(name).read_bytes(), threading.current_thread().name))
+
+    write = _GatedWrite(b"new snapshot")
+    write.gate.set()
+    snapshots = BackgroundSnapshots(str(path), 65536, write.capture, print, verify=verify)
+    snapshots.serialize((None, ("last",), ("prev",), set()), 5)
+    assert snapshots.wait(WAIT_TIMEOUT)
+    assert snapshots.checkSerializing() == (SERIALIZER_STATE.SUCCESS, 5)
+    # Called once the file was in place, and not in the thread that asked for it.
+    assert seen == [(str(path), b"new snapshot", "raftchan-snapshot-5")]
+
+
+def test_a_snapshot_that_fails_verification_is_reported_as_a_failed_write(
+    tmp_path: Path,
+) -> None:
+    def verify(name: str) -> None:
+        raise ValueError("damaged")
+
+    write = _GatedWrite(b"new snapshot")
+    write.gate.set()
+    written: list[float] = []
+    snapshots = BackgroundSnapshots(
+        str(tmp_path / "raft.snapshot"), 65536, write.capture, print, written.append, verify
+    )
+    snapshots.serialize((None, ("last",), ("prev",), set()), 6)
+    assert snapshots.wait(WAIT_TIMEOUT)
+    # pysyncobj then keeps its whole log: nothing is trimmed against this file.
+    assert snapshots.checkSerializing() == (SERIALIZER_STATE.FAILED, 6)
+    assert written == []
