@@ -41,12 +41,12 @@ from typing import Any
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.monotonic import monotonic as raft_clock
-from pysyncobj.syncobj import _COMMAND_TYPE
+from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 from pysyncobj.tcp_connection import CONNECTION_STATE
 from pysyncobj.transport import TCPTransport
 
 from raftchan import journal as journal_module
-from raftchan import membership
+from raftchan import membership, pre_vote
 from raftchan import snapshot as snapshot_module
 from raftchan.config import NodeConfig
 from raftchan.errors import (
@@ -255,6 +255,9 @@ class _RaftNode(SyncObj):
         #: While a message is handled: the next index its answer must name, if not
         #: pysyncobj's (see _SyncObj__sendNextNodeIdx).
         self._raftchan_answer_next: int | None = None
+        #: This node's pre-vote rounds, and when it last heard from its leader (raft_clock).
+        self._raftchan_pre_votes = pre_vote.Rounds()
+        self._raftchan_heard_leader_at = 0.0
         super().__init__(**kwargs)
         # Steps at the end of every tick, after its new commands went out:
         self.addOnTickCallback(self._send_commit_notice_if_due)
@@ -285,6 +288,8 @@ class _RaftNode(SyncObj):
                 # counts: read first, and stand only if nothing from it was there.
                 self._poller.poll(0)
                 remaining = self._SyncObj__raftElectionDeadline - raft_clock()
+            if remaining <= 0 and not self._pre_vote_won():
+                remaining = self._SyncObj__raftElectionDeadline - raft_clock()
             if remaining > 0:
                 timeToWait = min(timeToWait, remaining)
         due = self._commit_notice_due
@@ -307,15 +312,98 @@ class _RaftNode(SyncObj):
         if self._isLeader():
             self._SyncObj__sendAppendEntries()
 
+    def _pre_vote_won(self) -> bool:
+        """Whether pysyncobj may stand for election in this tick, its deadline past: only
+        once a majority granted this node a pre-vote (see raftchan.pre_vote). Until then
+        this asks, again every round, and holds pysyncobj's deadline back to the round's
+        end."""
+        others = self._SyncObj__otherNodes
+        if not others or self._SyncObj__selfNode is None:
+            return True  # alone, it wins; a read-only node never stands
+        term = self._SyncObj__raftCurrentTerm + 1
+        rounds = self._raftchan_pre_votes
+        if rounds.won(term):
+            rounds.clear()
+            return True
+        now = raft_clock()
+        if rounds.due(term, now):
+            rounds.start(term, now)
+            message = pre_vote.request(
+                term, self._SyncObj__getCurrentLogIndex(), self._SyncObj__getCurrentLogTerm()
+            )
+            for node in others:
+                self._SyncObj__transport.send(node, message)
+        self._SyncObj__raftElectionDeadline = rounds.retry_at
+        return False
+
+    def hears_leader_within(self, seconds: float) -> bool:
+        """Whether this node heard from its leader within ``seconds``, and its connection
+        to the leader is still up (the kernel closes it when the leader's process dies).
+        False on the leader itself."""
+        leader = self._getLeader()
+        if leader is None or self._isLeader():
+            return False
+        connection = self._SyncObj__transport._connections.get(leader)
+        if connection is None or connection.state != CONNECTION_STATE.CONNECTED:
+            return False
+        return bool(raft_clock() - self._raftchan_heard_leader_at < seconds)
+
+    def _in_leader_lease(self) -> bool:
+        """Whether this node leads, or heard from its leader within the shortest election
+        timeout: it then refuses pre-votes."""
+        return self._isLeader() or self.hears_leader_within(self._getConf().raftMinTimeout)
+
+    def _answer_pre_vote(self, node: Any, message: Any) -> None:
+        if self._SyncObj__selfNode is None:
+            return  # a read-only node has no vote
+        current_term = self._SyncObj__raftCurrentTerm
+        granted = pre_vote.grants(
+            message,
+            current_term,
+            self._SyncObj__getCurrentLogIndex(),
+            self._SyncObj__getCurrentLogTerm(),
+            self._in_leader_lease(),
+        )
+        if granted is not None:
+            answer = pre_vote.answer(message["term"], granted, current_term)
+            self._SyncObj__transport.send(node, answer)
+
+    def _count_pre_vote(self, node: Any, message: Any) -> None:
+        current_term = message.get("current_term")
+        if type(current_term) is int and current_term > self._SyncObj__raftCurrentTerm:
+            # A peer is at a later term: take it, as pysyncobj does on any message of a
+            # later term, so that this node's next request can be granted.
+            if not self._isLeader():
+                self._SyncObj__setCurrentTerm(current_term, None)
+                self._SyncObj__setState(_RAFT_STATE.FOLLOWER)
+                self._SyncObj__raftLeader = None
+                self._raftchan_pre_votes.clear()
+            return
+        voters = len(self._SyncObj__otherNodes) + 1
+        if self._raftchan_pre_votes.count(message, node.id, voters):
+            # Won: stand in the next tick rather than at the end of the round.
+            self._SyncObj__raftElectionDeadline = raft_clock()
+
     def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802
-        # Overrides pysyncobj's: entries sent again are not cut and rewritten (see
+        # Overrides pysyncobj's: pre-votes are answered and counted here (pysyncobj has
+        # none), and entries sent again are not cut and rewritten (see
         # raftchan.held_entries). Chunked messages carry no "entries" until assembled.
-        if message.get("type") == "append_entries" and message.get("entries"):
+        kind = message.get("type")
+        if kind == pre_vote.REQUEST:
+            self._answer_pre_vote(node, message)
+            return
+        if kind == pre_vote.ANSWER:
+            self._count_pre_vote(node, message)
+            return
+        if kind == "append_entries" and message.get("entries"):
             message, self._raftchan_answer_next = for_follower(self._raftchan_journal, message)
         try:
             SyncObj._SyncObj__onMessageReceived(self, node, message)
         finally:
             self._raftchan_answer_next = None
+        if kind == "append_entries" and self._getLeader() == node:
+            self._raftchan_heard_leader_at = raft_clock()
+            self._raftchan_pre_votes.clear()
         if _is_snapshot_chunk_before_last(message) and self._getLeader() == node:
             # pysyncobj's follower answers a snapshot only after its last chunk. A leader
             # whose messages go unanswered for the connection timeout (1 s) closes the
@@ -682,22 +770,18 @@ class Replica:
         return bool(self._node.isReady())
 
     def hears_leader(self) -> bool:
-        """True if this node leads, or heard from its leader within one election timeout.
+        """True if this node leads, or heard from its leader within the longest election
+        timeout.
 
         pysyncobj starts no election while a node has no peer connection at all, so such
-        a node keeps naming its old leader for ever; the election deadline, which every
-        message from the leader pushes back, tells a live leader from a remembered one.
-        A leader whose process died is also given up at once: the kernel closes its
-        connection, while the deadline would keep naming it for up to a timeout more.
+        a node keeps naming its old leader for ever (and a node asking for pre-votes keeps
+        naming it too); the time of the leader's last message tells a live leader from a
+        remembered one. A leader whose process died is also given up at once: the kernel
+        closes its connection, while the time would keep naming it for a timeout more.
         """
         if self.is_leader:
             return True
-        leader = self._node._getLeader()
-        deadline = self._node._SyncObj__raftElectionDeadline
-        if leader is None or raft_clock() >= float(deadline):
-            return False
-        connection = self._node._SyncObj__transport._connections.get(leader)
-        return connection is not None and connection.state == CONNECTION_STATE.CONNECTED
+        return self._node.hears_leader_within(self._node._getConf().raftMaxTimeout)
 
     def leader_raft_address(self) -> str | None:
         leader = self._node._getLeader()
