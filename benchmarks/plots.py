@@ -218,7 +218,10 @@ def _latency_cdf(run: dict[str, Any], size: int, stem: Path) -> Path:
         ax.set_title(label)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("fraction of appends acknowledged within")
-    axes[1].legend(loc="lower right", fontsize=9)
+    # One legend, on the right-hand panel unless only the left one has lines.
+    legend_axes = next((ax for ax in axes[::-1] if ax.get_legend_handles_labels()[0]), None)
+    if legend_axes is not None:
+        legend_axes.legend(loc="lower right", fontsize=9)
     fig.suptitle(_title(run, f"Acknowledgement latency CDF, {size_label(size)} items"))
     return _save(fig, stem, f"latency-cdf-{size}B")
 
