@@ -123,6 +123,10 @@ class BoundedTcpConnection(pysyncobj.tcp_connection.TcpConnection):
             buffer = self._TcpConnection__writeBuffer = bytearray(buffer)
         return buffer
 
+    def unsent_bytes(self) -> int:
+        """How many bytes wait in this end's buffer for the socket to take them."""
+        return len(self._TcpConnection__writeBuffer)
+
     def _read_buffer(self) -> bytearray:
         """The bytes read and not yet parsed, as a ``bytearray`` (see _write_buffer)."""
         buffer = self._TcpConnection__readBuffer

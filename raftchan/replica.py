@@ -62,6 +62,7 @@ from raftchan.errors import (
 from raftchan.held_entries import for_follower
 from raftchan.limits import Limits
 from raftchan.packing import packb_in_pieces
+from raftchan.peer_backlog import MAX_UNSENT_BYTES, ConnectedPeers, may_hold_after
 from raftchan.peer_connection import PICKLE_PROTOCOL, install_message_bound
 from raftchan.snapshot_transfer import SnapshotReceiver
 from raftchan.snapshot_writer import BackgroundSnapshots, WriteSnapshot
@@ -136,8 +137,10 @@ class _SyncBeforeSendTransport(TCPTransport):
         self.blocked: set[str] = set()
 
     def _onNodeDisconnected(self, node: Any) -> None:  # noqa: N802 - pysyncobj's name
-        super()._onNodeDisconnected(node)
         sync_obj = self._syncObj
+        # Not held back any more: the transfer to it must be cancelled (see below).
+        sync_obj.held_peers.discard(node)
+        super()._onNodeDisconnected(node)
         # A snapshot sent in chunks must start over: chunks still in the closed
         # connection's buffer are gone, and pysyncobj restarts a transfer only if it
         # notices the peer missing when it sends. Otherwise it resumes after the lost
@@ -159,9 +162,15 @@ class _SyncBeforeSendTransport(TCPTransport):
     def send(self, node: Any, message: Any) -> bool:
         if node.id in self.blocked:
             return False
-        if message.get("type") != "append_entries" or not self._syncObj._isLeader():
+        leads = self._syncObj._isLeader()
+        if message.get("type") != "append_entries" or not leads:
             self._journal.sync()
-        return bool(super().send(node, message))
+        sent = bool(super().send(node, message))
+        if sent and leads and may_hold_after(message):
+            connection = self._connections.get(node)
+            if connection is not None and connection.unsent_bytes() >= MAX_UNSENT_BYTES:
+                self._syncObj.hold_back(node)  # see raftchan.peer_backlog
+        return sent
 
 
 _MEMBERSHIP_TYPE = bytes([_COMMAND_TYPE.MEMBERSHIP])
@@ -240,6 +249,9 @@ class _RaftNode(SyncObj):
     membership changes follow Raft's single-server rules; see each one.
     """
 
+    # pysyncobj's set of connected peers (its __init__ sets it; see hold_back).
+    _SyncObj__connectedNodes: set[Any]
+
     def __init__(
         self,
         apply: Callable[[bytes], list[Result]],
@@ -258,6 +270,9 @@ class _RaftNode(SyncObj):
         #: This node's pre-vote rounds, and when it last heard from its leader (raft_clock).
         self._raftchan_pre_votes = pre_vote.Rounds()
         self._raftchan_heard_leader_at = 0.0
+        #: Peers the leader sends nothing more in its current round of append-entries
+        #: (see raftchan.peer_backlog).
+        self.held_peers: set[Any] = set()
         super().__init__(**kwargs)
         # Steps at the end of every tick, after its new commands went out:
         self.addOnTickCallback(self._send_commit_notice_if_due)
@@ -442,7 +457,27 @@ class _RaftNode(SyncObj):
 
     def _SyncObj__sendAppendEntries(self) -> None:  # noqa: N802 - overrides it
         self._commit_notice_due = None  # every append-entries carries the commit index
-        SyncObj._SyncObj__sendAppendEntries(self)
+        peers = self._SyncObj__connectedNodes
+        if not isinstance(peers, ConnectedPeers):
+            # Replaced here, in pysyncobj's thread, the only one that changes the set.
+            peers = self._SyncObj__connectedNodes = ConnectedPeers(peers, self.held_peers)
+        connections = self._SyncObj__transport._connections
+        for node in peers:
+            connection = connections.get(node)
+            if connection is not None and connection.unsent_bytes() >= MAX_UNSENT_BYTES:
+                self.held_peers.add(node)
+                # Sent nothing, it would not be checked for a timeout: a connection
+                # to a peer cut off (whose socket stays full) must still be closed.
+                connection._TcpConnection__processConnectionTimeout()
+        try:
+            SyncObj._SyncObj__sendAppendEntries(self)
+        finally:
+            self.held_peers.clear()
+
+    def hold_back(self, node: Any) -> None:
+        """Send ``node`` nothing more in this round of append-entries (pysyncobj's
+        thread; see raftchan.peer_backlog)."""
+        self.held_peers.add(node)
 
     @replicated
     def apply_command(self, command: bytes) -> list[Result]:
@@ -609,6 +644,7 @@ class Replica:
             # Verified here, in the background: the journal checks the snapshot before it
             # trims itself, in pysyncobj's thread, and then finds it verified already.
             verify=snapshot_module.read_snapshot_anchor,
+            held_peers=self._node.held_peers,
         )
         self._node._SyncObj__serializer = self._snapshots
         # Snapshots sent by a leader go through a receiver that installs only whole ones,
@@ -823,8 +859,16 @@ class Replica:
             "channels": channels,
             "sessions": sessions,
             "journal_synced_bytes": self.journal.synced_length,
+            "unsent_bytes": self.unsent_bytes(),
             "members": self.members(),
         }
+
+    def unsent_bytes(self) -> dict[str, int]:
+        """For each peer connection, the bytes waiting for its socket to take them: on a
+        leader, what it queued for a follower still catching up (bounded by
+        raftchan.peer_backlog.MAX_UNSENT_BYTES plus one message)."""
+        connections = list(self._node._SyncObj__transport._connections.items())
+        return {str(node.id): connection.unsent_bytes() for node, connection in connections}
 
     # -- membership (asyncio side) ------------------------------------------------------
 

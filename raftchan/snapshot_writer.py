@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any
 
 from pysyncobj.serializer import SERIALIZER_STATE, Serializer
@@ -84,6 +84,7 @@ class BackgroundSnapshots(Serializer):
     ``verify(path)`` is called on the writer's thread once the snapshot is in place; if
     it raises, the write is reported as failed. It is there to read the new file back
     and check it off pysyncobj's thread (see :func:`raftchan.snapshot.read_snapshot_anchor`).
+    A transfer to a peer in ``held_peers`` is not cancelled (see :meth:`cancelTransmisstion`).
     """
 
     def __init__(
@@ -94,12 +95,14 @@ class BackgroundSnapshots(Serializer):
         deserializer: Callable[[str], Any],
         on_written: Callable[[float], None] = lambda seconds: None,
         verify: Callable[[str], object] = lambda path: None,
+        held_peers: Container[Any] = frozenset(),
     ) -> None:
         super().__init__(path, transmission_batch_size, False, None, deserializer, None)
         self.path = path
         self._capture = capture
         self._on_written = on_written
         self._verify = verify
+        self._held_peers = held_peers
         self._current: _Write | None = None
 
     def serialize(self, data: Any, index: int) -> None:
@@ -136,6 +139,15 @@ class BackgroundSnapshots(Serializer):
         self._Serializer__transmissions: dict[Any, Any] = {}
         self._on_written(current.seconds)
         return SERIALIZER_STATE.SUCCESS, current.index
+
+    def cancelTransmisstion(self, node: Any) -> None:  # noqa: N802 - pysyncobj's name
+        """pysyncobj's: forget how far ``node`` got in receiving the snapshot. Not for a
+        peer the leader only holds back for a round (see raftchan.peer_backlog): pysyncobj
+        cancels the transfer to any peer that reads as not connected, and the transfer
+        would start over from its first chunk each time."""
+        if node in self._held_peers:
+            return
+        super().cancelTransmisstion(node)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait up to ``timeout`` seconds (None: without end) for a write under way to

@@ -26,6 +26,7 @@ import raftchan
 from cluster.fixtures import started_cluster
 from cluster.harness import LocalCluster
 from raftchan.config import RaftTuning
+from raftchan.peer_backlog import MAX_UNSENT_BYTES
 
 #: The nodes' own election timing (0.3-0.6 s; their connection timeout is then 1 s).
 DEFAULTS = RaftTuning()
@@ -187,12 +188,21 @@ def test_a_follower_slow_to_store_a_snapshot_gets_all_of_it(
     target = local.status()[leader]["commit_index"]
 
     _restart_with_hook(local, follower, tmp_path / "hook", _SLOW_CHUNKS_HOOK)
-    _wait_for(
-        "the slow follower applied what the leader had committed",
-        lambda: (local.status()[follower].get("applied_index") or 0) >= target,
-    )
+    queued: list[int] = []  # what the leader had queued for the follower, each time asked
+
+    def caught_up() -> bool:
+        statuses = local.status()
+        unsent = statuses[leader].get("unsent_bytes") or {}
+        queued.append(unsent.get(local.raft_addresses[follower], 0))
+        return (statuses[follower].get("applied_index") or 0) >= target
+
+    _wait_for("the slow follower applied what the leader had committed", caught_up)
     log = _this_start(local.logs()[local.names[follower]])
     assert LOADED_LINE in log, "the follower caught up without the leader's snapshot"
+    # The leader held the snapshot back while the follower was slow to take it, rather
+    # than queue all of it (pysyncobj queued as much as it could pickle in each round).
+    assert max(queued) > 0, "the leader never had anything queued: nothing was measured"
+    assert max(queued) <= MAX_UNSENT_BYTES + ITEM_BYTES * 2, queued
 
 
 def test_a_follower_that_stalled_reads_its_leader_before_it_stands(
