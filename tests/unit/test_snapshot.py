@@ -213,3 +213,10 @@ def test_an_anchor_verified_before_is_looked_up_until_the_file_is_replaced(
         read_snapshot_anchor(path)
     path.unlink()
     assert read_snapshot_anchor(path) is None
+
+
+def test_a_state_larger_than_a_sync_step_is_written_whole(tmp_path: Path) -> None:
+    state = os.urandom(9 * 1024 * 1024 + 5)  # synced twice on the way, and at the end
+    pieces = [state[i : i + 1_000_000] for i in range(0, len(state), 1_000_000)]
+    write_snapshot(tmp_path / "a.bin", LAST, PREV, NODES, pieces)
+    assert read_snapshot(tmp_path / "a.bin").state == state
