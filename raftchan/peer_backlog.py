@@ -22,7 +22,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["MAX_UNSENT_BYTES", "ConnectedPeers", "may_hold_after"]
+__all__ = [
+    "MAX_UNSENT_BYTES",
+    "ConnectedPeers",
+    "is_backlogged",
+    "is_snapshot_chunk_before_last",
+    "may_hold_after",
+]
 
 #: Bytes queued for one follower (beyond what its socket took) from which the leader
 #: sends it nothing more in the current round. As much again fits in the socket's own
@@ -57,7 +63,19 @@ def may_hold_after(message: Any) -> bool:
     """
     if message.get("type") != "append_entries" or "transmission" in message:
         return False
+    return message.get("serialized") is None or is_snapshot_chunk_before_last(message)
+
+
+def is_snapshot_chunk_before_last(message: Any) -> bool:
+    """Whether ``message`` is a leader's append-entries carrying a chunk of its snapshot
+    other than the last one (pysyncobj sends ``(chunk, is_first, is_last)``)."""
+    if message.get("type") != "append_entries":
+        return False
     chunk = message.get("serialized")
-    if chunk is None:
-        return True
     return isinstance(chunk, tuple) and len(chunk) == 3 and not chunk[2]
+
+
+def is_backlogged(connection: Any) -> bool:
+    """Whether the leader holds back the peer of ``connection`` (a BoundedTcpConnection):
+    :data:`MAX_UNSENT_BYTES` or more wait in its buffer."""
+    return bool(connection.unsent_bytes() >= MAX_UNSENT_BYTES)

@@ -81,16 +81,16 @@ class Rounds:
         """Whether to ask (again) for ``term``: no round for it yet, or its time is up."""
         return self.term != term or now >= self._retry_at
 
-    def start(self, term: int, now: float) -> float:
-        """Start a round for ``term``; returns when to ask again if it is not won."""
+    def start(self, term: int, now: float) -> None:
+        """Start a round for ``term``, to be asked again at :attr:`retry_at`."""
         self.term = term
         self._granted = set()
         self._won = False
         self._retry_at = now + RETRY_SECONDS
-        return self._retry_at
 
     @property
     def retry_at(self) -> float:
+        """When to ask again if the round is not won."""
         return self._retry_at
 
     def count(self, message: Any, node_id: str, voters: int) -> bool:
@@ -105,7 +105,10 @@ class Rounds:
         return self._won
 
     def clear(self) -> None:
-        """Forget the round (the node stood, or heard from a leader)."""
+        """Forget the round (the node stood, or heard from a leader: on every message
+        from the leader, so with no round under way it does nothing)."""
+        if self.term is None:
+            return
         self.term = None
         self._granted = set()
         self._won = False

@@ -62,7 +62,12 @@ from raftchan.errors import (
 from raftchan.held_entries import for_follower
 from raftchan.limits import Limits
 from raftchan.packing import packb_in_pieces
-from raftchan.peer_backlog import MAX_UNSENT_BYTES, ConnectedPeers, may_hold_after
+from raftchan.peer_backlog import (
+    ConnectedPeers,
+    is_backlogged,
+    is_snapshot_chunk_before_last,
+    may_hold_after,
+)
 from raftchan.peer_connection import PICKLE_PROTOCOL, install_message_bound
 from raftchan.snapshot_transfer import SnapshotReceiver
 from raftchan.snapshot_writer import BackgroundSnapshots, WriteSnapshot
@@ -168,7 +173,7 @@ class _SyncBeforeSendTransport(TCPTransport):
         sent = bool(super().send(node, message))
         if sent and leads and may_hold_after(message):
             connection = self._connections.get(node)
-            if connection is not None and connection.unsent_bytes() >= MAX_UNSENT_BYTES:
+            if connection is not None and is_backlogged(connection):
                 self._syncObj.hold_back(node)  # see raftchan.peer_backlog
         return sent
 
@@ -178,15 +183,6 @@ _MEMBERSHIP_TYPE = bytes([_COMMAND_TYPE.MEMBERSHIP])
 
 def _refuse_snapshot_write(file_name: str, data: Any) -> None:
     raise RuntimeError("snapshots are written by raftchan.snapshot_writer")
-
-
-def _is_snapshot_chunk_before_last(message: Any) -> bool:
-    """Whether ``message`` is a leader's append-entries carrying a chunk of its snapshot
-    other than the last one (pysyncobj sends ``(chunk, is_first, is_last)``)."""
-    if message.get("type") != "append_entries":
-        return False
-    chunk = message.get("serialized")
-    return isinstance(chunk, tuple) and len(chunk) == 3 and not chunk[2]
 
 
 def membership_change(command: bytes) -> membership.Change | None:
@@ -419,7 +415,7 @@ class _RaftNode(SyncObj):
         if kind == "append_entries" and self._getLeader() == node:
             self._raftchan_heard_leader_at = raft_clock()
             self._raftchan_pre_votes.clear()
-        if _is_snapshot_chunk_before_last(message) and self._getLeader() == node:
+        if is_snapshot_chunk_before_last(message) and self._getLeader() == node:
             # pysyncobj's follower answers a snapshot only after its last chunk. A leader
             # whose messages go unanswered for the connection timeout (1 s) closes the
             # connection and starts the transfer over: a 120 MB snapshot never got
@@ -464,7 +460,7 @@ class _RaftNode(SyncObj):
         connections = self._SyncObj__transport._connections
         for node in peers:
             connection = connections.get(node)
-            if connection is not None and connection.unsent_bytes() >= MAX_UNSENT_BYTES:
+            if connection is not None and is_backlogged(connection):
                 self.held_peers.add(node)
                 # Sent nothing, it would not be checked for a timeout: a connection
                 # to a peer cut off (whose socket stays full) must still be closed.

@@ -160,18 +160,17 @@ def write_snapshot(
         # written again then, and the file is fsynced after that.
         f.write(_header(meta, 0, 0))
         f.write(meta)
-        crc = length = unsynced = 0
+        crc = length = synced = 0
         for piece in pieces:
             if not isinstance(piece, (bytes, bytearray, memoryview)):
                 raise TypeError(f"a piece of the state must be bytes, not {type(piece).__name__}")
             crc = zlib.crc32(piece, crc)
             length += len(piece)
-            unsynced += len(piece)
             f.write(piece)
-            if unsynced >= _SYNC_EVERY_BYTES:
+            if length - synced >= _SYNC_EVERY_BYTES:
                 f.flush()
                 os.fdatasync(f.fileno())
-                unsynced = 0
+                synced = length
         f.seek(0)
         f.write(_header(meta, crc, length))
         f.flush()

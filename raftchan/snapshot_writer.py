@@ -7,10 +7,11 @@ followers stood for election, and the cluster changed leader. Followers, compact
 the same moment, missed their leader in the same way.
 
 :class:`BackgroundSnapshots` stands in for pysyncobj's ``Serializer``. It takes the state
-in pysyncobj's thread, where it is the state at the snapshot's index, and writes, fsyncs
-and renames it into place on a thread of its own (the file I/O and checksums release the
-GIL). pysyncobj asks each tick whether the write is done and trims its log only once it
-is, as it does after a write of its own. Sending the snapshot to followers, receiving
+in pysyncobj's thread, where it is the state at the snapshot's index, and encodes,
+writes, fsyncs, renames and reads back the file on a thread of its own (the file I/O and
+checksums release the GIL; the encoding goes in pieces, see raftchan.packing).
+pysyncobj asks each tick whether the write is done and trims its log only once it is, as
+it does after a write of its own. Sending the snapshot to followers, receiving
 one and loading it stay pysyncobj's.
 
 A snapshot received from the leader must not be overwritten by an older one of this

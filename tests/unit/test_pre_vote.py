@@ -47,7 +47,8 @@ def test_a_malformed_request_gets_no_answer(message: dict[str, object]) -> None:
 def test_a_round_is_won_with_a_majority_counting_the_asker() -> None:
     rounds = pre_vote.Rounds()
     assert rounds.due(5, now=0.0)
-    retry_at = rounds.start(5, now=0.0)
+    rounds.start(5, now=0.0)
+    retry_at = rounds.retry_at
     assert retry_at == pre_vote.RETRY_SECONDS
     assert not rounds.due(5, now=retry_at / 2)
     assert rounds.due(6, now=0.0)  # another term is another round
