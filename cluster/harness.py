@@ -47,6 +47,11 @@ FAST_TUNING = RaftTuning(
     connection_retry=0.3,
 )
 
+#: Node flags for tests that need a growing state compacted every few entries: the
+#: entry count alone starts a snapshot (see raftchan.compaction; by default a snapshot
+#: also waits until the log holds half the last one's size).
+COMPACTION_BY_ENTRIES_ALONE = ("--compaction-growth", "0")
+
 _POLL_INTERVAL = 0.1
 
 

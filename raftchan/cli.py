@@ -44,6 +44,8 @@ RAFT_TUNING_FLAGS: dict[str, str] = {
     "connection_retry": "--connection-retry",
     "compaction_min_entries": "--compaction-min-entries",
     "compaction_min_time": "--compaction-min-time",
+    "compaction_growth": "--compaction-growth",
+    "compaction_min_bytes": "--compaction-min-bytes",
 }
 
 _TUNING_HELP = {
@@ -54,8 +56,15 @@ _TUNING_HELP = {
     "it leads, seconds.",
     "connection_retry": "How soon a lost peer connection is dialled again, seconds.",
     "compaction_min_entries": "Raft log entries that trigger a snapshot.",
-    "compaction_min_time": "Shortest time between snapshots, seconds.",
+    "compaction_min_time": "Seconds after the last snapshot that trigger one, whatever the "
+    "log holds.",
+    "compaction_min_bytes": "Bytes of Raft log that trigger a snapshot.",
+    "compaction_growth": "No snapshot until the log holds this many times the last "
+    "snapshot's bytes (0: no such wait).",
 }
+
+# Tuning values that may be 0 (the others must be above it).
+_TUNING_ZERO_ALLOWED = frozenset({"compaction_growth"})
 
 #: The ``raftchan node`` flags that set :class:`~raftchan.limits.Limits` fields.
 LIMIT_FLAGS: dict[str, str] = {
@@ -165,7 +174,7 @@ def _tuning_options(func: F) -> F:
         kind: click.ParamType = (
             click.IntRange(min=1)
             if isinstance(default, int)
-            else click.FloatRange(min=0, min_open=True)
+            else click.FloatRange(min=0, min_open=field_name not in _TUNING_ZERO_ALLOWED)
         )
         option = click.option(
             flag, type=kind, default=default, show_default=True, help=_TUNING_HELP[field_name]

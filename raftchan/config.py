@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from raftchan.compaction import DEFAULT_GROWTH, DEFAULT_MIN_BYTES
 from raftchan.limits import DEFAULT_LIMITS, Limits
 
 #: Environment variable holding the comma-separated client addresses of a cluster.
@@ -82,7 +83,10 @@ class RaftTuning:
     leader that hears from no majority keeps believing it leads (it cannot commit
     anything meanwhile, so it cannot serve linearizable reads either);
     ``connection_retry`` is how soon a lost peer connection is dialled again;
-    ``compaction_min_entries`` is how many log entries trigger a snapshot.
+    A snapshot is taken once the log holds ``compaction_growth`` times the last
+    snapshot's bytes and also more than ``compaction_min_entries`` entries, or
+    ``compaction_min_bytes`` bytes, or ``compaction_min_time`` seconds have passed since
+    the last one (see raftchan.compaction: each snapshot rewrites the whole state).
     """
 
     min_timeout: float = 0.3
@@ -92,6 +96,8 @@ class RaftTuning:
     connection_retry: float = 0.3
     compaction_min_entries: int = 5000
     compaction_min_time: float = 300.0
+    compaction_growth: float = DEFAULT_GROWTH
+    compaction_min_bytes: int = DEFAULT_MIN_BYTES
 
 
 @dataclass(frozen=True)

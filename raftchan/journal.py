@@ -191,6 +191,11 @@ class DurableJournal(pysyncobj.journal.Journal):
         """Bytes at the start of the journal file known to be durable (see :meth:`sync`)."""
         return self._synced_length
 
+    @property
+    def log_bytes(self) -> int:
+        """Bytes of the records the journal holds (the file past its header)."""
+        return max(0, self._end - _FILE_HEADER.size)
+
     # ------------------------------------------------------------------ list protocol
 
     def __len__(self) -> int:

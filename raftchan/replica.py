@@ -30,9 +30,11 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import pickle
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +50,7 @@ from pysyncobj.transport import TCPTransport
 from raftchan import journal as journal_module
 from raftchan import membership, pre_vote
 from raftchan import snapshot as snapshot_module
+from raftchan.compaction import CompactionPolicy
 from raftchan.config import NodeConfig
 from raftchan.errors import (
     CommitUnknown,
@@ -247,15 +250,19 @@ class _RaftNode(SyncObj):
 
     # pysyncobj's set of connected peers (its __init__ sets it; see hold_back).
     _SyncObj__connectedNodes: set[Any]
+    # pysyncobj's "compact now" flag (see _SyncObj__tryLogCompaction).
+    _SyncObj__forceLogCompaction: bool
 
     def __init__(
         self,
         apply: Callable[[bytes], list[Result]],
         journal: _MembershipJournal,
+        compaction: CompactionPolicy,
         **kwargs: Any,
     ) -> None:
         self._raftchan_apply = apply
         self._raftchan_journal = journal
+        self._raftchan_compaction = compaction
         #: Why the last membership change this leader refused was refused (tick thread).
         self.raftchan_refusal: str | None = None
         #: When the commit index applied last must go out if no command carries it first.
@@ -311,6 +318,18 @@ class _RaftNode(SyncObj):
             # wait for messages at the end must not outlast the notice's delay.
             timeToWait = min(timeToWait, _COMMIT_NOTICE_DELAY)
         super()._onTick(timeToWait)
+
+    def _SyncObj__tryLogCompaction(self) -> None:  # noqa: N802 - overrides it
+        # pysyncobj's own triggers (entries, time) are off (see Replica): raftchan's
+        # policy weighs bytes as well, and starts a snapshot through pysyncobj's "force".
+        # pysyncobj still reaps a finished snapshot write here, so it runs every tick.
+        # The flag is set both ways on every tick: one set in the tick that reaps a
+        # write (the log not yet trimmed) would otherwise stay, and start another
+        # snapshot of the whole state right after it.
+        journal = self._raftchan_journal
+        due = self._raftchan_compaction.due(len(journal), journal.log_bytes)
+        self._SyncObj__forceLogCompaction = due
+        SyncObj._SyncObj__tryLogCompaction(self)
 
     def _send_commit_notice_if_due(self) -> None:
         # Called after the tick's commands were sent: when one was, it carried the commit
@@ -576,6 +595,13 @@ class Replica:
         # pysyncobj loads the snapshot file (if any) in its first tick: that call of the
         # deserializer restores this start; every later one installs a leader's snapshot.
         self._startup_load_pending = os.path.isfile(snapshot_path)
+        self._compaction = CompactionPolicy(
+            snapshot_path,
+            min_entries=config.raft.compaction_min_entries,
+            min_time=config.raft.compaction_min_time,
+            growth=config.raft.compaction_growth,
+            min_bytes=config.raft.compaction_min_bytes,
+        )
         journal_module.install_journal_factory()
         install_message_bound(peer_message_bytes(config.limits))
         journal_module.register_journal(journal_path, self.journal)
@@ -611,8 +637,9 @@ class Replica:
             # leader. The kernel caps these at net.core.wmem_max / rmem_max.
             sendBufferSize=PEER_SOCKET_BUFFER_BYTES,
             recvBufferSize=PEER_SOCKET_BUFFER_BYTES,
-            logCompactionMinEntries=tuning.compaction_min_entries,
-            logCompactionMinTime=tuning.compaction_min_time,
+            # Never reached: raftchan's compaction policy decides (see _RaftNode).
+            logCompactionMinEntries=sys.maxsize,
+            logCompactionMinTime=math.inf,
             # Without a leader, fail commands at once: the server turns that into
             # NoLeader and clients look elsewhere instead of hanging.
             commandsWaitLeader=False,
@@ -625,6 +652,7 @@ class Replica:
         self._node = _RaftNode(
             self._apply,
             self.journal,
+            self._compaction,
             selfNode=config.peer_address,
             otherNodes=[m for m in self._start_members if m != config.peer_address],
             conf=conf,
@@ -636,7 +664,7 @@ class Replica:
             conf.logCompactionBatchSize,
             self._capture_snapshot,
             self._read_snapshot,
-            on_written=self._on_snapshot_written,
+            on_written=self._snapshot_written,
             # Verified here, in the background: the journal checks the snapshot before it
             # trims itself, in pysyncobj's thread, and then finds it verified already.
             verify=snapshot_module.read_snapshot_anchor,
@@ -705,7 +733,19 @@ class Replica:
 
         return write
 
+    def _snapshot_written(self, seconds: float) -> None:
+        self._compaction.snapshot_changed()
+        logger.info(
+            "snapshot written in %.2f s: %d bytes, %d bytes of log before it",
+            seconds,
+            self._compaction.snapshot_bytes,
+            self.journal.log_bytes,
+        )
+        self._on_snapshot_written(seconds)
+
     def _read_snapshot(self, file_name: str) -> tuple[Any, Any, Any]:
+        # At start, or installing a leader's snapshot: the file is new to the gate either way.
+        self._compaction.snapshot_changed()
         try:
             snap = snapshot_module.read_snapshot(file_name)
             state = ChannelState.from_bytes(snap.state)
@@ -855,6 +895,8 @@ class Replica:
             "channels": channels,
             "sessions": sessions,
             "journal_synced_bytes": self.journal.synced_length,
+            "log_bytes": self.journal.log_bytes,
+            "snapshot_bytes": self._compaction.snapshot_bytes,
             "unsent_bytes": self.unsent_bytes(),
             "members": self.members(),
         }

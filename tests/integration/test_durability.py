@@ -26,7 +26,7 @@ import pytest
 
 import raftchan
 from cluster.faultrun import contents_of_every_node
-from cluster.harness import LocalCluster
+from cluster.harness import COMPACTION_BY_ENTRIES_ALONE, LocalCluster
 from cluster.writer import Writer
 from raftchan.journal import TEST_PAUSE_ENV, read_synced_length
 from raftchan.replica import JOURNAL_FILE, SNAPSHOT_FILE
@@ -46,10 +46,10 @@ LOG_WAIT_TIMEOUT = 60.0
 #: right after an acknowledgement often lands between pysyncobj renaming the new snapshot
 #: into place and trimming the journal a tick later. A journal that does not reconcile
 #: itself with the snapshot on restart loses acknowledged items there within a few rounds.
-FREQUENT_COMPACTION = ["--compaction-min-entries", "2"]
+FREQUENT_COMPACTION = ["--compaction-min-entries", "2", *COMPACTION_BY_ENTRIES_ALONE]
 #: A snapshot only when a node's log holds more than 20 entries: the tests that pause a
 #: compaction need the cluster to work until they have written that much.
-COMPACTION_BY_SIZE = ["--compaction-min-entries", "20"]
+COMPACTION_BY_SIZE = ["--compaction-min-entries", "20", *COMPACTION_BY_ENTRIES_ALONE]
 
 #: What the journal logs (WARNING) when its compaction test pause begins.
 PAUSE_LINE = "compaction paused for tests"

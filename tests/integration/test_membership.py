@@ -22,7 +22,7 @@ import pytest
 import raftchan
 from cluster.faultrun import contents_of_every_node
 from cluster.fixtures import started_cluster
-from cluster.harness import FAST_TUNING, LocalCluster
+from cluster.harness import COMPACTION_BY_ENTRIES_ALONE, FAST_TUNING, LocalCluster
 from cluster.ports import free_ports
 from cluster.writer import Writer
 from raftchan.errors import MembershipError
@@ -92,7 +92,7 @@ def assert_every_replica(cluster: LocalCluster, channel: str, count: int) -> Non
 
 #: A snapshot whenever a node's log holds more than 2 entries: membership then lives in
 #: snapshots as much as in journals, and the added nodes catch up by installing one.
-FREQUENT_COMPACTION = ["--compaction-min-entries", "2"]
+FREQUENT_COMPACTION = ["--compaction-min-entries", "2", *COMPACTION_BY_ENTRIES_ALONE]
 
 
 @pytest.mark.timeout(900)

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import raftchan
 from cluster.fixtures import started_cluster
-from cluster.harness import LocalCluster
+from cluster.harness import COMPACTION_BY_ENTRIES_ALONE, LocalCluster
 from raftchan.cli import cli
 from raftchan.config import split_address
 
@@ -32,7 +32,7 @@ WAIT_TIMEOUT = 60.0
 
 NODE_ARGS = ["--http-address", "127.0.0.1:0", "--log-format", "json"]
 #: A snapshot once a node's log holds more than 5 entries, so a short test sees some.
-FREQUENT_SNAPSHOTS = ["--compaction-min-entries", "5"]
+FREQUENT_SNAPSHOTS = ["--compaction-min-entries", "5", *COMPACTION_BY_ENTRIES_ALONE]
 
 T = TypeVar("T")
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

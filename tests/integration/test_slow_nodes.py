@@ -24,7 +24,7 @@ import pytest
 
 import raftchan
 from cluster.fixtures import started_cluster
-from cluster.harness import LocalCluster
+from cluster.harness import COMPACTION_BY_ENTRIES_ALONE, LocalCluster
 from raftchan.config import RaftTuning
 from raftchan.peer_backlog import MAX_UNSENT_BYTES
 
@@ -137,7 +137,7 @@ def local_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Lo
         request,
         tmp_path / "cluster",
         tuning=None,
-        extra_args=["--compaction-min-entries", "20"],
+        extra_args=["--compaction-min-entries", "20", *COMPACTION_BY_ENTRIES_ALONE],
     ) as local:
         yield local
 
@@ -233,7 +233,7 @@ def test_a_leader_slow_to_write_its_snapshots_keeps_its_leadership(
         request,
         tmp_path / "cluster",
         tuning=None,
-        extra_args=["--compaction-min-entries", "20"],
+        extra_args=["--compaction-min-entries", "20", *COMPACTION_BY_ENTRIES_ALONE],
         env={"PYTHONPATH": _hook_path(hook_dir, _SLOW_SNAPSHOT_HOOK)},
     ) as slow:
         for node in slow.nodes:
