@@ -48,6 +48,7 @@ import msgpack
 import pysyncobj.journal
 import pysyncobj.syncobj
 
+from raftchan import retired_files
 from raftchan.snapshot import Entry, SnapshotCorrupt, fsync_directory, read_snapshot_anchor
 
 __all__ = [
@@ -651,13 +652,15 @@ class DurableJournal(pysyncobj.journal.Journal):
                 os.environ.get(TEST_PAUSE_ENV),
             )
             time.sleep(test_pause)
-        os.replace(tmp, self._path)
+        # The old journal is freed gradually (see raftchan.retired_files).
+        retired = retired_files.replace(tmp, self._path)
         self._fsync_dir()
 
         new_fd = os.open(self._path, os.O_RDWR | os.O_APPEND)
         if self._fd >= 0:
             os.close(self._fd)
         self._fd = new_fd
+        retired_files.remove_gradually(retired)
         self._entries = list(entries)
         self._offsets = offsets
         self._end = offset

@@ -48,7 +48,7 @@ from pysyncobj.tcp_connection import CONNECTION_STATE
 from pysyncobj.transport import TCPTransport
 
 from raftchan import journal as journal_module
-from raftchan import membership, pre_vote
+from raftchan import membership, pre_vote, retired_files
 from raftchan import snapshot as snapshot_module
 from raftchan.compaction import CompactionPolicy
 from raftchan.config import NodeConfig
@@ -584,6 +584,9 @@ class Replica:
         data_dir.mkdir(parents=True, exist_ok=True)
         journal_path = str(data_dir / JOURNAL_FILE)
         snapshot_path = str(data_dir / SNAPSHOT_FILE)
+        # Old journals and snapshots a crash left to be freed (see raftchan.retired_files).
+        for path in (journal_path, snapshot_path):
+            retired_files.remove_leftovers(path)
         self.journal = _MembershipJournal(
             journal_path,
             snapshot_path=snapshot_path,

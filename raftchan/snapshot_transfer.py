@@ -19,6 +19,7 @@ import os
 from collections.abc import Callable
 from typing import BinaryIO
 
+from raftchan import retired_files
 from raftchan.snapshot import SnapshotCorrupt, fsync_directory, read_snapshot_meta
 
 __all__ = ["SnapshotReceiver"]
@@ -82,7 +83,8 @@ class SnapshotReceiver:
             self._discard()
             return False
         self._before_install()
-        os.replace(self.incoming, self.path)
+        # The snapshot replaced is freed gradually (see raftchan.retired_files).
+        retired_files.remove_gradually(retired_files.replace(self.incoming, self.path))
         fsync_directory(os.path.dirname(os.path.abspath(self.path)))
         return True
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from pysyncobj.serializer import SERIALIZER_STATE, Serializer
 
+from raftchan import retired_files
 from raftchan.snapshot import fsync_directory
 
 __all__ = ["BackgroundSnapshots", "WriteSnapshot"]
@@ -54,6 +55,9 @@ class _Write:
         self.index = index
         self.error: BaseException | None = None
         self.seconds = 0.0
+        #: The snapshot this one replaced, kept under a retired name until no transfer
+        #: reads it any more (see raftchan.retired_files).
+        self.retired: str | None = None
         self._write = write
         self._verify = verify
         self._path = path
@@ -66,7 +70,7 @@ class _Write:
         tmp = self._path + ".tmp"
         try:
             self._write(tmp)
-            os.replace(tmp, self._path)
+            self.retired = retired_files.replace(tmp, self._path)
             fsync_directory(os.path.dirname(os.path.abspath(self._path)))
             self._verify(self._path)
         except BaseException as exc:  # noqa: BLE001 - reported to pysyncobj as a failure
@@ -134,10 +138,14 @@ class BackgroundSnapshots(Serializer):
         self._current = None
         if current.error is not None:
             logger.error("cannot write snapshot %s: %s", self.path, current.error)
+            retired_files.remove_gradually(current.retired)
             return SERIALIZER_STATE.FAILED, current.index
         # Transfers under way read the file that was replaced: start them over, as
-        # pysyncobj does after a write of its own.
+        # pysyncobj does after a write of its own. That file, no longer read, is then
+        # freed a few MiB at a time: freed at once, it held up every fsync on the file
+        # system (see raftchan.retired_files).
         self._Serializer__transmissions: dict[Any, Any] = {}
+        retired_files.remove_gradually(current.retired)
         self._on_written(current.seconds)
         return SERIALIZER_STATE.SUCCESS, current.index
 

@@ -21,6 +21,7 @@ import pytest
 import raftchan
 from cluster.fixtures import started_cluster
 from cluster.harness import COMPACTION_BY_ENTRIES_ALONE, LocalCluster
+from raftchan.retired_files import RETIRED_MARK
 
 #: Bounds each wait for the cluster to reach an awaited state.
 WAIT_TIMEOUT = 60.0
@@ -159,6 +160,19 @@ def test_without_growth_small_appends_rewrite_the_snapshot(ungated: LocalCluster
         "a new snapshot on every node",
         lambda: all(
             s["snapshot_bytes"] != size for s, size in zip(ungated.status(), before, strict=True)
+        ),
+    )
+    # Each snapshot and journal replaced on the way was freed in the background: no
+    # retired copy is left (see raftchan.retired_files).
+    _wait_for(
+        ungated,
+        "the replaced snapshots and journals to be freed",
+        lambda: (
+            not any(
+                RETIRED_MARK in path.name
+                for node in ungated.nodes
+                for path in node.spec.data_dir.iterdir()
+            )
         ),
     )
 
