@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -55,12 +56,14 @@ _TUNING_HELP = {
     "leader_fallback_timeout": "How long a leader cut off from the majority still believes "
     "it leads, seconds.",
     "connection_retry": "How soon a lost peer connection is dialled again, seconds.",
-    "compaction_min_entries": "Raft log entries that trigger a snapshot.",
+    "compaction_min_entries": "Raft log entries that trigger a snapshot (once past "
+    "--compaction-growth).",
     "compaction_min_time": "Seconds after the last snapshot that trigger one, whatever the "
     "log holds.",
-    "compaction_min_bytes": "Bytes of Raft log that trigger a snapshot.",
-    "compaction_growth": "No snapshot until the log holds this many times the last "
-    "snapshot's bytes (0: no such wait).",
+    "compaction_min_bytes": "Bytes of Raft log that trigger a snapshot (once past "
+    "--compaction-growth).",
+    "compaction_growth": "No snapshot by entries or bytes until the log holds this many "
+    "times the last snapshot's bytes (0: no such wait).",
 }
 
 # Tuning values that may be 0 (the others must be above it).
@@ -177,10 +180,22 @@ def _tuning_options(func: F) -> F:
             else click.FloatRange(min=0, min_open=field_name not in _TUNING_ZERO_ALLOWED)
         )
         option = click.option(
-            flag, type=kind, default=default, show_default=True, help=_TUNING_HELP[field_name]
+            flag,
+            type=kind,
+            default=default,
+            show_default=True,
+            help=_TUNING_HELP[field_name],
+            callback=_finite,
         )
         func = option(func)
     return func
+
+
+def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """Refuse ``nan`` and ``inf``, which the range types let through."""
+    if not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number, not {value}")
+    return value
 
 
 def _limit_options(func: F) -> F:

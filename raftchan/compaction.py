@@ -14,14 +14,17 @@ little about bytes:
 
 :class:`CompactionPolicy` decides by bytes as well, as Redis does before it rewrites its
 append-only file. A snapshot is due once the log holds ``growth`` times the last
-snapshot's size *and* one of: more than ``min_entries`` entries, ``min_bytes`` bytes, or
-``min_time`` seconds since the last snapshot. Snapshot writes then cost at most
-``1 / growth`` bytes per byte appended, and the log stays under ``growth`` times the
-state or ``min_bytes``, whichever is larger.
+snapshot's size *and* more than ``min_entries`` entries or ``min_bytes`` bytes. Each
+snapshot then writes at most ``1 + 1 / growth`` bytes per byte appended since the last
+one, and the log stays under ``growth`` times the last snapshot or ``min_bytes``,
+whichever is larger. A snapshot is also due ``min_time`` seconds after the last one,
+whatever the log holds: that bounds how many entries a slow trickle leaves in memory,
+and frees the space of deleted channels and trimmed items.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -37,7 +40,8 @@ DEFAULT_MIN_BYTES = 64 * 1024 * 1024
 class CompactionPolicy:
     """Whether a node's log is due for a snapshot, given the snapshot file at
     ``snapshot_path``; see the module's docstring for the rule. ``growth`` 0 leaves
-    pysyncobj's rule (entries or time) with a bound on bytes added.
+    pysyncobj's rule (entries or time) with a bound on bytes added. All four settings
+    must be finite numbers >= 0.
 
     The snapshot's size is read from the file when first needed and again after
     :meth:`snapshot_changed`; call that whenever the file is replaced (a snapshot of this
@@ -60,8 +64,8 @@ class CompactionPolicy:
             ("growth", growth),
             ("min_bytes", min_bytes),
         ):
-            if not value >= 0:  # also refuses NaN
-                raise ValueError(f"{name} must be a number >= 0, not {value!r}")
+            if not 0 <= value < math.inf:  # also refuses NaN
+                raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
         self._path = snapshot_path
         self.min_entries = min_entries
         self.min_time = min_time
@@ -90,10 +94,8 @@ class CompactionPolicy:
     def due(self, entries: int, log_bytes: int) -> bool:
         """Whether a log of ``entries`` entries and ``log_bytes`` bytes since the snapshot
         should be compacted now."""
+        if self._clock() - self._snapshot_at >= self.min_time:
+            return True
         if log_bytes < self.growth * self.snapshot_bytes:
             return False
-        return (
-            entries > self.min_entries
-            or log_bytes >= self.min_bytes
-            or self._clock() - self._snapshot_at >= self.min_time
-        )
+        return entries > self.min_entries or log_bytes >= self.min_bytes

@@ -82,11 +82,13 @@ class RaftTuning:
     ``append_entries_period`` is the heartbeat; ``leader_fallback_timeout`` is how long a
     leader that hears from no majority keeps believing it leads (it cannot commit
     anything meanwhile, so it cannot serve linearizable reads either);
-    ``connection_retry`` is how soon a lost peer connection is dialled again;
+    ``connection_retry`` is how soon a lost peer connection is dialled again.
+
     A snapshot is taken once the log holds ``compaction_growth`` times the last
-    snapshot's bytes and also more than ``compaction_min_entries`` entries, or
-    ``compaction_min_bytes`` bytes, or ``compaction_min_time`` seconds have passed since
-    the last one (see raftchan.compaction: each snapshot rewrites the whole state).
+    snapshot's bytes and also more than ``compaction_min_entries`` entries or
+    ``compaction_min_bytes`` bytes; and ``compaction_min_time`` seconds after the last
+    one whatever the log holds (see raftchan.compaction: each snapshot rewrites the whole
+    state).
     """
 
     min_timeout: float = 0.3

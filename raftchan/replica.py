@@ -677,7 +677,7 @@ class Replica:
         # Snapshots sent by a leader go through a receiver that installs only whole ones,
         # and not before a snapshot of this node's own has been written.
         self._snapshot_receiver = SnapshotReceiver(
-            snapshot_path, before_install=self._snapshots.wait
+            snapshot_path, before_install=self._snapshots.wait, retire=self._snapshots.retire
         )
         self._snapshots.setTransmissionData = self._snapshot_receiver.receive
 
@@ -874,7 +874,8 @@ class Replica:
         return None if record is None else record.client_address
 
     def status(self) -> dict[str, Any]:
-        """This node's view of the cluster (no I/O; values may lag by a tick)."""
+        """This node's view of the cluster (values may lag by a tick; no I/O but a stat of
+        the snapshot file after it changed)."""
         raw = self._node.getStatus()
         with self.lock:
             position = self.state.position

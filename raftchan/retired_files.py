@@ -17,6 +17,7 @@ a time and remove it. :func:`remove_leftovers` removes the retired files a crash
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -67,7 +68,12 @@ def replace(src: str, dst: str) -> str | None:
     except OSError as exc:
         logger.debug("cannot keep %s for a gradual removal (%s); replacing it at once", dst, exc)
         kept = False
-    os.replace(src, dst)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if kept:
+            os.unlink(retired)
+        raise
     return retired if kept else None
 
 
@@ -101,23 +107,33 @@ def remove_leftovers(path: str) -> int:
 
 def wait_idle(timeout: float) -> bool:
     """Wait up to ``timeout`` seconds until no retired file is left to remove; True if
-    none is (for tests and orderly shutdowns)."""
+    none is (for tests)."""
     with _state:
         return _state.wait_for(lambda: _outstanding == 0, timeout)
 
 
 def shrink_and_remove(path: str, step: int = STEP_BYTES, pause: float = PAUSE_S) -> None:
     """Truncate ``path`` by ``step`` bytes at a time, ``pause`` seconds apart, then remove
-    it. A file already gone is no error."""
+    it. A file already gone is no error.
+
+    A file that has another name as well is never truncated, only this name removed: a
+    crash between :func:`replace`'s link and its rename leaves the retired name on the
+    live file itself (and a backup may hard-link files too).
+    """
     try:
-        size = os.stat(path).st_size
-        while size > 0:
-            size = max(0, size - step)
-            os.truncate(path, size)
-            time.sleep(pause)
-        os.unlink(path)
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        pass
+        return
+    try:
+        size = os.fstat(fd).st_size
+        while size > 0 and os.fstat(fd).st_nlink == 1:
+            size = max(0, size - step)
+            os.ftruncate(fd, size)
+            time.sleep(pause)
+    finally:
+        os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _retired_name(path: str) -> str:

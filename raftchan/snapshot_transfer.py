@@ -35,15 +35,22 @@ class SnapshotReceiver:
     verified snapshot now is at ``path``.
     """
 
-    def __init__(self, path: str, before_install: Callable[[], object] = lambda: None) -> None:
+    def __init__(
+        self,
+        path: str,
+        before_install: Callable[[], object] = lambda: None,
+        retire: Callable[[str | None], object] = retired_files.remove_gradually,
+    ) -> None:
         """Also removes what a transfer cut short by a crash left behind.
 
         ``before_install()`` is called right before a verified snapshot replaces the
         node's own (the node waits there for a snapshot of its own still being written,
-        which would otherwise replace the leader's).
+        which would otherwise replace the leader's). ``retire(path)`` is handed the
+        replaced snapshot, kept under a retired name (see raftchan.retired_files), or None.
         """
         self.path = path
         self._before_install = before_install
+        self._retire = retire
         self.incoming = path + ".incoming"
         self._file: BinaryIO | None = None
         self._discard()
@@ -83,8 +90,7 @@ class SnapshotReceiver:
             self._discard()
             return False
         self._before_install()
-        # The snapshot replaced is freed gradually (see raftchan.retired_files).
-        retired_files.remove_gradually(retired_files.replace(self.incoming, self.path))
+        self._retire(retired_files.replace(self.incoming, self.path))
         fsync_directory(os.path.dirname(os.path.abspath(self.path)))
         return True
 

@@ -138,16 +138,21 @@ class BackgroundSnapshots(Serializer):
         self._current = None
         if current.error is not None:
             logger.error("cannot write snapshot %s: %s", self.path, current.error)
-            retired_files.remove_gradually(current.retired)
+            self.retire(current.retired)
             return SERIALIZER_STATE.FAILED, current.index
-        # Transfers under way read the file that was replaced: start them over, as
-        # pysyncobj does after a write of its own. That file, no longer read, is then
-        # freed a few MiB at a time: freed at once, it held up every fsync on the file
-        # system (see raftchan.retired_files).
-        self._Serializer__transmissions: dict[Any, Any] = {}
-        retired_files.remove_gradually(current.retired)
+        self.retire(current.retired)
         self._on_written(current.seconds)
         return SERIALIZER_STATE.SUCCESS, current.index
+
+    def retire(self, path: str | None) -> None:
+        """The snapshot file was replaced (a write of this node's own, or one received
+        from the leader): transfers under way read the old one, so they start over from
+        the one now in place, as pysyncobj does after a write of its own. Then the old
+        one, kept at ``path`` (None: nothing to free), is freed a few MiB at a time:
+        freed at once, it held up every fsync on the file system (see
+        raftchan.retired_files). Call in pysyncobj's thread, which sends the transfers."""
+        self._Serializer__transmissions: dict[Any, Any] = {}
+        retired_files.remove_gradually(path)
 
     def cancelTransmisstion(self, node: Any) -> None:  # noqa: N802 - pysyncobj's name
         """pysyncobj's: forget how far ``node`` got in receiving the snapshot. Not for a

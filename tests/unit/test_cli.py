@@ -309,3 +309,15 @@ def test_status_table_and_leader() -> None:
     # Without the leader's own answer, the leader the others name.
     assert leader_of([nodes[0], nodes[2]]) == "127.0.0.1:2"
     assert leader_of([nodes[2]]) is None
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("value", ["nan", "inf", "-0.5"])
+def test_node_refuses_a_compaction_growth_that_is_not_a_finite_number_from_zero(
+    tmp_path: Path, value: str
+) -> None:
+    result = run(*node_args(tmp_path, **{"--compaction-growth": value}))
+
+    assert result.exit_code == 2
+    assert "--compaction-growth" in result.output
+    assert not (tmp_path / "n1").exists()

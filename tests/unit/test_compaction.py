@@ -72,8 +72,9 @@ def test_time_since_the_last_snapshot_counts_from_its_change(tmp_path: Path) -> 
     assert not compaction.due(entries=1, log_bytes=600)
     clock.now += 0.1
     assert compaction.due(entries=1, log_bytes=600)
-    # Time does not open it for a log under its share either.
-    assert not compaction.due(entries=1, log_bytes=499)
+    # Whatever the log holds: the state may have shrunk far below the snapshot (deleted
+    # channels, trimmed items), and a trickle of entries must not pile up for ever.
+    assert compaction.due(entries=1, log_bytes=1)
 
 
 def test_the_size_is_read_again_only_once_the_snapshot_changed(tmp_path: Path) -> None:
@@ -96,7 +97,7 @@ def test_growth_zero_leaves_entries_and_time(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["min_entries", "min_time", "growth", "min_bytes"])
-@pytest.mark.parametrize("value", [-1, math.nan])
+@pytest.mark.parametrize("value", [-1, math.nan, math.inf])
 def test_a_setting_below_zero_is_refused(tmp_path: Path, name: str, value: float) -> None:
     with pytest.raises(ValueError, match=name):
         policy(tmp_path / "raft.snapshot", **{name: value})

@@ -69,13 +69,13 @@ def test_a_file_is_shrunk_a_step_at_a_time_then_removed(
     path = tmp_path / "big"
     path.write_bytes(os.urandom(10_000))
     sizes: list[int] = []
-    real_truncate = os.truncate
+    real_truncate = os.ftruncate
 
-    def recording_truncate(target: str, length: int) -> None:
+    def recording_truncate(fd: int, length: int) -> None:
         sizes.append(length)
-        real_truncate(target, length)
+        real_truncate(fd, length)
 
-    monkeypatch.setattr(retired_files.os, "truncate", recording_truncate)
+    monkeypatch.setattr(retired_files.os, "ftruncate", recording_truncate)
     shrink_and_remove(str(path), step=4096, pause=0)
     assert sizes == [5904, 1808, 0]
     assert not path.exists()
@@ -93,3 +93,23 @@ def test_leftovers_of_a_crash_are_removed_and_nothing_else(tmp_path: Path) -> No
     assert retired_in(tmp_path) == [f"raft.journal{RETIRED_MARK}17-5"]
     assert snapshot.read_bytes() == b"current"
     assert remove_leftovers(str(tmp_path / "missing-dir" / "raft.snapshot")) == 0
+
+
+def test_a_retired_name_on_the_live_file_only_loses_that_name(tmp_path: Path) -> None:
+    # A crash between replace()'s link and its rename leaves the retired name on the
+    # live file: at the next start it must not be emptied.
+    journal = tmp_path / "raft.journal"
+    journal.write_bytes(b"acknowledged entries" * 1000)
+    os.link(journal, tmp_path / f"raft.journal{RETIRED_MARK}17-1")
+    assert remove_leftovers(str(journal)) == 1
+    assert wait_idle(WAIT_S)
+    assert retired_in(tmp_path) == []
+    assert journal.read_bytes() == b"acknowledged entries" * 1000
+
+
+def test_a_failed_rename_leaves_no_retired_name(tmp_path: Path) -> None:
+    (tmp_path / "dst").write_bytes(b"live")
+    with pytest.raises(FileNotFoundError):
+        replace(str(tmp_path / "no-such-src"), str(tmp_path / "dst"))
+    assert (tmp_path / "dst").read_bytes() == b"live"
+    assert retired_in(tmp_path) == []

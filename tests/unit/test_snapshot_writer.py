@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pysyncobj.serializer import SERIALIZER_STATE
 
+from raftchan.retired_files import RETIRED_MARK, wait_idle
 from raftchan.snapshot_writer import BackgroundSnapshots, WriteSnapshot
 
 #: Bounds each wait for the writer's thread.
@@ -130,3 +131,29 @@ def test_a_snapshot_that_fails_verification_is_reported_as_a_failed_write(
     # pysyncobj then keeps its whole log: nothing is trimmed against this file.
     assert snapshots.checkSerializing() == (SERIALIZER_STATE.FAILED, 6)
     assert written == []
+
+
+def test_the_replaced_snapshot_is_freed_only_once_its_transfers_start_over(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "raft.snapshot"
+    old = b"o" * 200_000
+    path.write_bytes(old)
+    write = _GatedWrite(b"new snapshot")
+    snapshots = _snapshots(path, write, [])
+    chunk = snapshots.getTransmissionData("follower")  # a transfer of the old one begins
+    assert chunk == (old[:65536], True, False)
+
+    snapshots.serialize((None, ("last",), ("prev",), set()), 7)
+    write.gate.set()
+    assert snapshots.wait(WAIT_TIMEOUT)
+    # Replaced, but kept whole while the transfer may still read it.
+    assert path.read_bytes() == b"new snapshot"
+    assert snapshots.getTransmissionData("follower") == (old[65536:131072], False, False)
+    assert [p.name for p in tmp_path.iterdir() if RETIRED_MARK in p.name]
+
+    assert snapshots.checkSerializing() == (SERIALIZER_STATE.SUCCESS, 7)
+    # The transfer starts over from the new file, and the old one is freed.
+    assert snapshots.getTransmissionData("follower") == (b"new snapshot", True, False)
+    assert wait_idle(WAIT_TIMEOUT)
+    assert not [p.name for p in tmp_path.iterdir() if RETIRED_MARK in p.name]
