@@ -29,12 +29,22 @@ import os
 import time
 from collections.abc import Callable
 
-__all__ = ["DEFAULT_GROWTH", "DEFAULT_MIN_BYTES", "CompactionPolicy"]
+__all__ = [
+    "DEFAULT_GROWTH",
+    "DEFAULT_MIN_BYTES",
+    "RETRY_FIRST_S",
+    "RETRY_MAX_S",
+    "CompactionPolicy",
+]
 
 #: The log must reach this share of the last snapshot's size before the next snapshot.
 DEFAULT_GROWTH = 0.5
 #: A log this large is compacted whatever its number of entries (once past the growth).
 DEFAULT_MIN_BYTES = 64 * 1024 * 1024
+#: After a snapshot that failed, the next waits this long, doubling after each further
+#: failure up to RETRY_MAX_S.
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 60.0
 
 
 class CompactionPolicy:
@@ -74,6 +84,8 @@ class CompactionPolicy:
         self._clock = clock
         self._snapshot_bytes: int | None = None
         self._snapshot_at = self._clock()
+        self._retry_delay = 0.0
+        self._retry_at = -math.inf
 
     @property
     def snapshot_bytes(self) -> int:
@@ -90,10 +102,21 @@ class CompactionPolicy:
         ``min_time`` from now."""
         self._snapshot_bytes = None
         self._snapshot_at = self._clock()
+        self._retry_delay = 0.0
+        self._retry_at = -math.inf
+
+    def snapshot_failed(self) -> None:
+        """A snapshot could not be taken or written (a full disk, say): none is due for
+        RETRY_FIRST_S seconds, twice as long after each further failure (up to
+        RETRY_MAX_S), instead of the whole state written again on every tick."""
+        self._retry_delay = min(2 * self._retry_delay or RETRY_FIRST_S, RETRY_MAX_S)
+        self._retry_at = self._clock() + self._retry_delay
 
     def due(self, entries: int, log_bytes: int) -> bool:
         """Whether a log of ``entries`` entries and ``log_bytes`` bytes since the snapshot
         should be compacted now."""
+        if self._clock() < self._retry_at:
+            return False
         if self._clock() - self._snapshot_at >= self.min_time:
             return True
         if log_bytes < self.growth * self.snapshot_bytes:

@@ -668,6 +668,7 @@ class Replica:
             self._capture_snapshot,
             self._read_snapshot,
             on_written=self._snapshot_written,
+            on_failed=self._compaction.snapshot_failed,
             # Verified here, in the background: the journal checks the snapshot before it
             # trims itself, in pysyncobj's thread, and then finds it verified already.
             verify=snapshot_module.read_snapshot_anchor,

@@ -85,7 +85,8 @@ class BackgroundSnapshots(Serializer):
     serializer (``(last_entry, prev_entry, cluster)``) and returns a function that
     writes that snapshot to a given path (see :data:`WriteSnapshot`); it runs on the
     writer's thread. ``on_written(seconds)`` is called in pysyncobj's thread when it
-    learns of a successful write, with the time from the capture to the rename.
+    learns of a successful write, with the time from the capture to the rename, and
+    ``on_failed()`` when a state could not be taken or a write failed.
     ``verify(path)`` is called on the writer's thread once the snapshot is in place; if
     it raises, the write is reported as failed. It is there to read the new file back
     and check it off pysyncobj's thread (see :func:`raftchan.snapshot.read_snapshot_anchor`).
@@ -100,12 +101,14 @@ class BackgroundSnapshots(Serializer):
         deserializer: Callable[[str], Any],
         on_written: Callable[[float], None] = lambda seconds: None,
         verify: Callable[[str], object] = lambda path: None,
+        on_failed: Callable[[], None] = lambda: None,
         held_peers: Container[Any] = frozenset(),
     ) -> None:
         super().__init__(path, transmission_batch_size, False, None, deserializer, None)
         self.path = path
         self._capture = capture
         self._on_written = on_written
+        self._on_failed = on_failed
         self._verify = verify
         self._held_peers = held_peers
         self._current: _Write | None = None
@@ -120,9 +123,10 @@ class BackgroundSnapshots(Serializer):
         try:
             write = self._capture(data[1:])
         except Exception:  # noqa: BLE001 - an exception would end pysyncobj's thread
-            # Nothing was started: pysyncobj tries again on a later tick, as after a
-            # failed write.
+            # Nothing was started: a later tick tries again, as after a failed write
+            # (once on_failed's back-off is over).
             logger.exception("cannot take the state for snapshot %s", self.path)
+            self._on_failed()
             return
         self._current = _Write(index, write, self._verify, self.path, started)
         self._current.thread.start()
@@ -139,6 +143,7 @@ class BackgroundSnapshots(Serializer):
         if current.error is not None:
             logger.error("cannot write snapshot %s: %s", self.path, current.error)
             self.retire(current.retired)
+            self._on_failed()
             return SERIALIZER_STATE.FAILED, current.index
         self.retire(current.retired)
         self._on_written(current.seconds)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from raftchan.compaction import CompactionPolicy
+from raftchan.compaction import RETRY_FIRST_S, RETRY_MAX_S, CompactionPolicy
 
 
 class FakeClock:
@@ -101,3 +101,27 @@ def test_growth_zero_leaves_entries_and_time(tmp_path: Path) -> None:
 def test_a_setting_below_zero_is_refused(tmp_path: Path, name: str, value: float) -> None:
     with pytest.raises(ValueError, match=name):
         policy(tmp_path / "raft.snapshot", **{name: value})
+
+
+def test_a_failed_snapshot_backs_off_doubling_until_one_is_written(tmp_path: Path) -> None:
+    clock = FakeClock()
+    compaction = policy(snapshot_of(tmp_path, 1000), clock)
+    assert compaction.due(entries=100, log_bytes=600)
+    # A full disk: every tick would write the whole state again.
+    delays = []
+    for _ in range(9):
+        compaction.snapshot_failed()
+        start = clock.now
+        while not compaction.due(entries=100, log_bytes=600):
+            clock.now += 0.25
+        delays.append(clock.now - start)
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, RETRY_MAX_S, RETRY_MAX_S, RETRY_MAX_S]
+    assert delays[0] == RETRY_FIRST_S
+    # A snapshot written ends the back-off (and the next failure waits the first delay).
+    compaction.snapshot_changed()
+    clock.now += compaction.min_time
+    assert compaction.due(entries=100, log_bytes=600)
+    compaction.snapshot_failed()
+    assert not compaction.due(entries=100, log_bytes=600)
+    clock.now += RETRY_FIRST_S
+    assert compaction.due(entries=100, log_bytes=600)

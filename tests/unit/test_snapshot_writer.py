@@ -68,13 +68,23 @@ def test_a_failed_write_is_reported_and_leaves_the_old_snapshot(tmp_path: Path) 
     path.write_bytes(b"old")
     write = _GatedWrite(b"new", error=OSError(28, "No space left on device"))
     written: list[float] = []
-    snapshots = _snapshots(path, write, written)
+    failures: list[None] = []
+    snapshots = BackgroundSnapshots(
+        str(path),
+        65536,
+        write.capture,
+        lambda name: None,
+        written.append,
+        on_failed=lambda: failures.append(None),
+    )
     snapshots.serialize((None, ("last",), ("prev",), set()), 7)
     write.gate.set()
     assert snapshots.wait(WAIT_TIMEOUT)
+    assert failures == []  # told when pysyncobj learns of it, in its thread
     assert snapshots.checkSerializing() == (SERIALIZER_STATE.FAILED, 7)
     assert path.read_bytes() == b"old"
     assert written == []
+    assert failures == [None]
 
 
 def test_wait_gives_up_after_its_timeout_while_a_write_goes_on(tmp_path: Path) -> None:
@@ -91,10 +101,18 @@ def test_a_capture_that_fails_starts_no_write_and_raises_nothing(tmp_path: Path)
     def capture(data: object) -> WriteSnapshot:
         raise MemoryError
 
-    snapshots = BackgroundSnapshots(str(tmp_path / "raft.snapshot"), 65536, capture, print)
+    failures: list[None] = []
+    snapshots = BackgroundSnapshots(
+        str(tmp_path / "raft.snapshot"),
+        65536,
+        capture,
+        print,
+        on_failed=lambda: failures.append(None),
+    )
     snapshots.serialize((None, ("last",), ("prev",), set()), 9)
     assert snapshots.checkSerializing() == (SERIALIZER_STATE.NOT_SERIALIZING, None)
     assert not (tmp_path / "raft.snapshot").exists()
+    assert failures == [None]  # the compaction policy then backs off
 
 
 def test_the_new_snapshot_is_verified_on_the_writers_thread(tmp_path: Path) -> None:
