@@ -115,9 +115,10 @@ class CompactionPolicy:
     def due(self, entries: int, log_bytes: int) -> bool:
         """Whether a log of ``entries`` entries and ``log_bytes`` bytes since the snapshot
         should be compacted now."""
-        if self._clock() < self._retry_at:
+        now = self._clock()
+        if now < self._retry_at:
             return False
-        if self._clock() - self._snapshot_at >= self.min_time:
+        if now - self._snapshot_at >= self.min_time:
             return True
         if log_bytes < self.growth * self.snapshot_bytes:
             return False

@@ -748,7 +748,7 @@ class Replica:
         self._on_snapshot_written(seconds)
 
     def _read_snapshot(self, file_name: str) -> tuple[Any, Any, Any]:
-        # At start, or installing a leader's snapshot: the file is new to the gate either way.
+        # At start, or installing a leader's snapshot: a new file to the compaction policy.
         self._compaction.snapshot_changed()
         try:
             snap = snapshot_module.read_snapshot(file_name)

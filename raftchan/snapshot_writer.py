@@ -142,7 +142,9 @@ class BackgroundSnapshots(Serializer):
         self._current = None
         if current.error is not None:
             logger.error("cannot write snapshot %s: %s", self.path, current.error)
-            self.retire(current.retired)
+            if current.retired is not None:
+                # It failed after its rename (checking it): the old file was replaced.
+                self.retire(current.retired)
             self._on_failed()
             return SERIALIZER_STATE.FAILED, current.index
         self.retire(current.retired)

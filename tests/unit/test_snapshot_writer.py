@@ -77,6 +77,8 @@ def test_a_failed_write_is_reported_and_leaves_the_old_snapshot(tmp_path: Path) 
         written.append,
         on_failed=lambda: failures.append(None),
     )
+    # A transfer of the old snapshot goes on: the failed write replaced nothing.
+    assert snapshots.getTransmissionData("follower") == (b"old", True, False)
     snapshots.serialize((None, ("last",), ("prev",), set()), 7)
     write.gate.set()
     assert snapshots.wait(WAIT_TIMEOUT)
@@ -84,6 +86,7 @@ def test_a_failed_write_is_reported_and_leaves_the_old_snapshot(tmp_path: Path) 
     assert snapshots.checkSerializing() == (SERIALIZER_STATE.FAILED, 7)
     assert path.read_bytes() == b"old"
     assert written == []
+    assert snapshots.getTransmissionData("follower") == (b"", False, True)
     assert failures == [None]
 
 
