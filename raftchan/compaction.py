@@ -20,6 +20,9 @@ one, and the log stays under ``growth`` times the last snapshot or ``min_bytes``
 whichever is larger. A snapshot is also due ``min_time`` seconds after the last one,
 whatever the log holds: that bounds how many entries a slow trickle leaves in memory,
 and frees the space of deleted channels and trimmed items.
+
+Who writes when it is due, and who waits for twice the thresholds (``factor``), is
+raftchan.snapshot_turns's to decide.
 """
 
 from __future__ import annotations
@@ -112,14 +115,16 @@ class CompactionPolicy:
         self._retry_delay = min(2 * self._retry_delay or RETRY_FIRST_S, RETRY_MAX_S)
         self._retry_at = self._clock() + self._retry_delay
 
-    def due(self, entries: int, log_bytes: int) -> bool:
+    def due(self, entries: int, log_bytes: int, factor: float = 1.0) -> bool:
         """Whether a log of ``entries`` entries and ``log_bytes`` bytes since the snapshot
-        should be compacted now."""
+        should be compacted now, with each of the four thresholds multiplied by
+        ``factor`` (the snapshot's size times ``growth`` counts as one; see
+        raftchan.snapshot_turns for who waits for a larger log)."""
         now = self._clock()
         if now < self._retry_at:
             return False
-        if now - self._snapshot_at >= self.min_time:
+        if now - self._snapshot_at >= self.min_time * factor:
             return True
-        if log_bytes < self.growth * self.snapshot_bytes:
+        if log_bytes < self.growth * self.snapshot_bytes * factor:
             return False
-        return entries > self.min_entries or log_bytes >= self.min_bytes
+        return entries > self.min_entries * factor or log_bytes >= self.min_bytes * factor

@@ -73,6 +73,13 @@ from raftchan.peer_backlog import (
 )
 from raftchan.peer_connection import PICKLE_PROTOCOL, install_message_bound
 from raftchan.snapshot_transfer import SnapshotReceiver
+from raftchan.snapshot_turns import (
+    TURN_KEY,
+    UNCOORDINATED_FACTOR,
+    WISH_KEY,
+    SnapshotTurns,
+    Wish,
+)
 from raftchan.snapshot_writer import BackgroundSnapshots, WriteSnapshot
 from raftchan.state import ChannelState, Result
 
@@ -148,6 +155,7 @@ class _SyncBeforeSendTransport(TCPTransport):
         sync_obj = self._syncObj
         # Not held back any more: the transfer to it must be cancelled (see below).
         sync_obj.held_peers.discard(node)
+        sync_obj.snapshot_turns.forget(node)
         super()._onNodeDisconnected(node)
         # A snapshot sent in chunks must start over: chunks still in the closed
         # connection's buffer are gone, and pysyncobj restarts a transfer only if it
@@ -170,14 +178,21 @@ class _SyncBeforeSendTransport(TCPTransport):
     def send(self, node: Any, message: Any) -> bool:
         if node.id in self.blocked:
             return False
-        leads = self._syncObj._isLeader()
-        if message.get("type") != "append_entries" or not leads:
+        sync_obj = self._syncObj
+        leads = sync_obj._isLeader()
+        kind = message.get("type")
+        if kind != "append_entries" or not leads:
             self._journal.sync()
+        # Snapshots in turn (raftchan.snapshot_turns): each key only when it says something.
+        if kind == "append_entries" and leads and sync_obj.snapshot_turns.has_turn(node):
+            message[TURN_KEY] = True
+        elif kind == "next_node_idx" and sync_obj.snapshot_wish:
+            message[WISH_KEY] = int(sync_obj.snapshot_wish)
         sent = bool(super().send(node, message))
         if sent and leads and may_hold_after(message):
             connection = self._connections.get(node)
             if connection is not None and is_backlogged(connection):
-                self._syncObj.hold_back(node)  # see raftchan.peer_backlog
+                sync_obj.hold_back(node)  # see raftchan.peer_backlog
         return sent
 
 
@@ -276,6 +291,12 @@ class _RaftNode(SyncObj):
         #: Peers the leader sends nothing more in its current round of append-entries
         #: (see raftchan.peer_backlog).
         self.held_peers: set[Any] = set()
+        #: Snapshots taken in turn (see raftchan.snapshot_turns): the leader's record of
+        #: its followers' wishes; a follower's own wish, and whether its leader's last
+        #: append-entries gave it the turn.
+        self.snapshot_turns = SnapshotTurns()
+        self.snapshot_wish = Wish.IDLE
+        self._raftchan_has_turn = False
         super().__init__(**kwargs)
         # Steps at the end of every tick, after its new commands went out:
         self.addOnTickCallback(self._send_commit_notice_if_due)
@@ -326,8 +347,24 @@ class _RaftNode(SyncObj):
         # The flag is set both ways on every tick: one set in the tick that reaps a
         # write (the log not yet trimmed) would otherwise stay, and start another
         # snapshot of the whole state right after it.
+        # Who writes now follows raftchan.snapshot_turns: a follower when its leader gives
+        # it the turn, the leader (with followers) only once its log is twice as large.
         journal = self._raftchan_journal
-        due = self._raftchan_compaction.due(len(journal), journal.log_bytes)
+        policy = self._raftchan_compaction
+        entries, log_bytes = len(journal), journal.log_bytes
+        writing = self._SyncObj__serializer.writing
+        wanted = policy.due(entries, log_bytes)
+        overdue = policy.due(entries, log_bytes, UNCOORDINATED_FACTOR)
+        turns = self.snapshot_turns
+        if self._isLeader():
+            due = overdue if self._SyncObj__otherNodes else wanted
+            turns.leader_writing = writing or due
+        else:
+            if turns.holder is not None or turns.leader_writing:
+                turns.reset()  # it led until lately
+            has_turn = self._raftchan_has_turn and self._getLeader() is not None
+            due = overdue or (wanted and has_turn)
+        self.snapshot_wish = Wish.WRITING if writing else Wish.WANTS if wanted else Wish.IDLE
         self._SyncObj__forceLogCompaction = due
         SyncObj._SyncObj__tryLogCompaction(self)
 
@@ -425,6 +462,10 @@ class _RaftNode(SyncObj):
         if kind == pre_vote.ANSWER:
             self._count_pre_vote(node, message)
             return
+        if kind == "append_entries":
+            self._raftchan_has_turn = bool(message.get(TURN_KEY))
+        elif kind == "next_node_idx" and self._isLeader():
+            self.snapshot_turns.heard(node, message.get(WISH_KEY, Wish.IDLE))
         if kind == "append_entries" and message.get("entries"):
             message, self._raftchan_answer_next = for_follower(self._raftchan_journal, message)
         try:
@@ -579,6 +620,7 @@ class Replica:
         self._on_fatal = on_fatal
         self._on_snapshot_written = on_snapshot_written
         self._closed = False
+        self._snapshots_written = 0  # by this process (pysyncobj's thread counts)
 
         data_dir = Path(config.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -738,9 +780,10 @@ class Replica:
         return write
 
     def _snapshot_written(self, seconds: float) -> None:
+        self._snapshots_written += 1
         self._compaction.snapshot_changed()
         logger.info(
-            "snapshot written in %.2f s: %d bytes, %d bytes of log before it",
+            "snapshot written in %.3f s: %d bytes, %d bytes of log before it",
             seconds,
             self._compaction.snapshot_bytes,
             self.journal.log_bytes,
@@ -902,6 +945,9 @@ class Replica:
             "journal_synced_bytes": self.journal.synced_length,
             "log_bytes": self.journal.log_bytes,
             "snapshot_bytes": self._compaction.snapshot_bytes,
+            "snapshots_written": self._snapshots_written,
+            "snapshot_wish": self._node.snapshot_wish.name.lower(),
+            "retired_files_removed": retired_files.removed(),
             "unsent_bytes": self.unsent_bytes(),
             "members": self.members(),
         }

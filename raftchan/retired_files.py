@@ -48,6 +48,7 @@ _names = itertools.count(1)
 _pending: queue.SimpleQueue[str] = queue.SimpleQueue()
 _state = threading.Condition()
 _outstanding = 0  # files queued or being removed (under _state)
+_removed = 0  # files this process removed (under _state)
 _worker: threading.Thread | None = None
 
 
@@ -105,6 +106,12 @@ def remove_leftovers(path: str) -> int:
     return len(names)
 
 
+def removed() -> int:
+    """How many retired files this process has removed so far."""
+    with _state:
+        return _removed
+
+
 def wait_idle(timeout: float) -> bool:
     """Wait up to ``timeout`` seconds until no retired file is left to remove; True if
     none is (for tests)."""
@@ -144,13 +151,16 @@ def _retired_name(path: str) -> str:
 
 
 def _run() -> None:
-    global _outstanding
+    global _outstanding, _removed
     while True:
         path = _pending.get()
+        done = False
         try:
             shrink_and_remove(path)
+            done = True
         except OSError as exc:
             logger.warning("cannot remove the retired file %s: %s", path, exc)
         with _state:
             _outstanding -= 1
+            _removed += int(done)
             _state.notify_all()

@@ -131,6 +131,11 @@ class BackgroundSnapshots(Serializer):
         self._current = _Write(index, write, self._verify, self.path, started)
         self._current.thread.start()
 
+    @property
+    def writing(self) -> bool:
+        """Whether a snapshot write was started and pysyncobj has not yet reaped it."""
+        return self._current is not None
+
     def checkSerializing(self) -> tuple[int, int | None]:  # noqa: N802 - pysyncobj's name
         """pysyncobj's poll: whether a write is going, and once it ended, how it ended
         (reported once) with the index it covers."""

@@ -4,7 +4,8 @@ Every snapshot writes the whole state. pysyncobj takes one whenever the log hold
 than ``--compaction-min-entries`` entries, so a node with much retained data wrote all
 of it again for every few small appends. Real nodes here: after a state of a few MB,
 many small appends (far more entries than the minimum) leave the snapshot alone, and
-once the log holds half the state's size, a new snapshot is written. With
+once the log holds half the state's size, the followers write a new snapshot (the
+leader once it holds the whole state's size: raftchan.snapshot_turns). With
 ``--compaction-growth 0`` the small appends are enough, as before.
 """
 
@@ -21,7 +22,9 @@ import pytest
 import raftchan
 from cluster.fixtures import started_cluster
 from cluster.harness import COMPACTION_BY_ENTRIES_ALONE, LocalCluster
+from raftchan.compaction import DEFAULT_GROWTH
 from raftchan.retired_files import RETIRED_MARK
+from raftchan.snapshot_turns import UNCOORDINATED_FACTOR
 
 #: Bounds each wait for the cluster to reach an awaited state.
 WAIT_TIMEOUT = 60.0
@@ -34,11 +37,10 @@ MIN_STATE_BYTES = 2 * 1024 * 1024
 MAX_BIG_ITEMS = 200
 #: The by-bytes cluster's log size that makes a snapshot due.
 BYTES_TRIGGER = 1024 * 1024
-#: How long the other nodes are given to compact once one did.
-WAVE_S = 2.0
-#: A log just trimmed by a snapshot: the snapshot's last two entries (the journal starts
-#: at them) and one or two appended meanwhile.
-TRIMMED_LOG_BYTES = 5 * ITEM_BYTES
+#: Far more log than the small appends add (a few KB in all).
+HEADROOM_BYTES = 4 * ITEM_BYTES
+#: How long the loaded nodes are given to finish (or start and finish) their snapshots.
+SETTLE_S = 2.0
 #: Small appends, one log entry each: 8x the entry trigger, a few KB in all.
 SMALL_APPENDS = 8 * MIN_ENTRIES
 #: How long the nodes are given to start a snapshot they should not start: many ticks,
@@ -84,30 +86,42 @@ def _wait_for(local: LocalCluster, what: str, probe: Callable[[], Any]) -> Any:
         time.sleep(0.05)
 
 
-def _load_big_state(local: LocalCluster) -> list[int]:
+def _gate_bytes(status: dict[str, Any], growth: float) -> float:
+    """The log size from which ``status``'s node is due for a snapshot: a follower at
+    ``growth`` times its snapshot's size, the leader at twice that (see
+    raftchan.snapshot_turns)."""
+    factor = UNCOORDINATED_FACTOR if status["role"] == "leader" else 1.0
+    return growth * status["snapshot_bytes"] * factor
+
+
+def _settled(status: dict[str, Any], growth: float) -> bool:
+    """Whether ``status``'s node writes no snapshot, is not about to, and stays clear of
+    its gate for HEADROOM_BYTES more of log. The leader may want one: it waits for twice
+    the gate anyway."""
+    if status["snapshot_wish"] == "writing":
+        return False
+    if status["role"] != "leader" and status["snapshot_wish"] != "idle":
+        return False
+    return not growth or status["log_bytes"] + HEADROOM_BYTES <= _gate_bytes(status, growth)
+
+
+def _load_big_state(local: LocalCluster, growth: float) -> list[int]:
     """Append large items, one entry each, until every node holds a snapshot of at least
-    MIN_STATE_BYTES just written, its log trimmed to the last item or two; returns each
-    node's snapshot size. Ending on a compaction leaves the log far from the gate, so
-    that what the test appends next decides alone whether it opens."""
+    MIN_STATE_BYTES and, appends paused, settles (above) within SETTLE_S; returns each
+    node's snapshot size. What the test appends next then decides alone whether a gate
+    opens."""
     with raftchan.Client(local.addresses, timeout=WAIT_TIMEOUT) as client:
         chan = client.channel("big")
         for _ in range(MAX_BIG_ITEMS):
-            statuses = local.status()
-            sizes = [s["snapshot_bytes"] for s in statuses]
-            if min(sizes) >= MIN_STATE_BYTES and all(
-                s["log_bytes"] <= TRIMMED_LOG_BYTES for s in statuses
-            ):
-                return sizes
+            if min(s["snapshot_bytes"] for s in local.status()) >= MIN_STATE_BYTES:
+                deadline = time.monotonic() + SETTLE_S
+                while time.monotonic() < deadline:
+                    statuses = local.status()
+                    if all(_settled(s, growth) for s in statuses):
+                        return [s["snapshot_bytes"] for s in statuses]
+                    time.sleep(0.05)
             chan.append(os.urandom(ITEM_BYTES))
             chan.flush()
-            changed = zip(local.status(), sizes, strict=True)
-            if any(s["snapshot_bytes"] != size for s, size in changed):
-                # A compaction started somewhere: give the others a moment to follow.
-                deadline = time.monotonic() + WAVE_S
-                while time.monotonic() < deadline and not all(
-                    s["log_bytes"] <= TRIMMED_LOG_BYTES for s in local.status()
-                ):
-                    time.sleep(0.05)
     raise AssertionError(
         f"no snapshot of {MIN_STATE_BYTES} bytes after {MAX_BIG_ITEMS} items: {local.status()}"
     )
@@ -128,21 +142,18 @@ def _append_small(local: LocalCluster, count: int) -> None:
 
 
 def test_small_appends_leave_a_large_snapshot_alone(gated: LocalCluster) -> None:
-    before = _load_big_state(gated)
+    before = _load_big_state(gated, DEFAULT_GROWTH)
     _append_small(gated, SMALL_APPENDS)
     time.sleep(QUIET_S)
     statuses = gated.status()
     assert [s["snapshot_bytes"] for s in statuses] == before
     # The log kept the small appends, more entries than pysyncobj's own trigger.
     assert all(s["log_entries"] > SMALL_APPENDS for s in statuses), statuses
-    assert all(s["log_bytes"] < min(before) // 2 for s in statuses), statuses
+    assert all(s["log_bytes"] < _gate_bytes(s, DEFAULT_GROWTH) for s in statuses), statuses
 
-    # Half the state's size appended opens the gate: every node writes a new snapshot.
-    with raftchan.Client(gated.addresses, timeout=WAIT_TIMEOUT) as client:
-        chan = client.channel("big")
-        for _ in range(min(before) // 2 // ITEM_BYTES + 2):
-            chan.append(os.urandom(ITEM_BYTES))
-            chan.flush()
+    # The state's size appended opens every gate (the followers' at half of it, the
+    # leader's at all of it): every node writes a new snapshot.
+    _append_big(gated, max(before))
     _wait_for(
         gated,
         "a new snapshot on every node",
@@ -152,8 +163,17 @@ def test_small_appends_leave_a_large_snapshot_alone(gated: LocalCluster) -> None
     )
 
 
+def _append_big(local: LocalCluster, total_bytes: int) -> None:
+    """Append at least ``total_bytes`` in items of ITEM_BYTES, one entry each."""
+    with raftchan.Client(local.addresses, timeout=WAIT_TIMEOUT) as client:
+        chan = client.channel("big")
+        for _ in range(total_bytes // ITEM_BYTES + 2):
+            chan.append(os.urandom(ITEM_BYTES))
+            chan.flush()
+
+
 def test_without_growth_small_appends_rewrite_the_snapshot(ungated: LocalCluster) -> None:
-    before = _load_big_state(ungated)
+    before = _load_big_state(ungated, 0.0)
     _append_small(ungated, SMALL_APPENDS)
     _wait_for(
         ungated,
@@ -163,7 +183,7 @@ def test_without_growth_small_appends_rewrite_the_snapshot(ungated: LocalCluster
         ),
     )
     # Each snapshot and journal replaced on the way was freed in the background: no
-    # retired copy is left (see raftchan.retired_files).
+    # retired copy is left (see raftchan.retired_files), and every node freed some.
     _wait_for(
         ungated,
         "the replaced snapshots and journals to be freed",
@@ -175,12 +195,15 @@ def test_without_growth_small_appends_rewrite_the_snapshot(ungated: LocalCluster
             )
         ),
     )
+    freed = [s["retired_files_removed"] for s in ungated.status()]
+    assert min(freed) > 0, freed
 
 
 def test_a_few_large_entries_are_compacted_by_their_bytes(by_bytes: LocalCluster) -> None:
     # pysyncobj counted entries only: a log of large batches was never trimmed (in the
     # benchmark, 4,000 entries held 493 MB).
-    entries = BYTES_TRIGGER // ITEM_BYTES + 2
+    # The leader's trigger is twice the followers' (raftchan.snapshot_turns).
+    entries = int(UNCOORDINATED_FACTOR * BYTES_TRIGGER) // ITEM_BYTES + 2
     with raftchan.Client(by_bytes.addresses, timeout=WAIT_TIMEOUT) as client:
         chan = client.channel("big")
         for _ in range(entries):

@@ -125,3 +125,25 @@ def test_a_failed_snapshot_backs_off_doubling_until_one_is_written(tmp_path: Pat
     assert not compaction.due(entries=100, log_bytes=600)
     clock.now += RETRY_FIRST_S
     assert compaction.due(entries=100, log_bytes=600)
+
+
+def test_a_factor_scales_every_threshold(tmp_path: Path) -> None:
+    # The leader's rule (raftchan.snapshot_turns): twice each threshold.
+    clock = FakeClock()
+    compaction = policy(snapshot_of(tmp_path, 4_000_000), clock)
+    # Twice the share of the snapshot (and twice min_bytes),
+    assert compaction.due(entries=3, log_bytes=2_000_000)
+    assert not compaction.due(entries=3, log_bytes=3_999_999, factor=2)
+    assert compaction.due(entries=3, log_bytes=4_000_000, factor=2)
+    # twice the entries,
+    (tmp_path / "small").mkdir()
+    small = policy(snapshot_of(tmp_path / "small", 10), clock)
+    assert small.due(entries=11, log_bytes=100)
+    assert not small.due(entries=20, log_bytes=100, factor=2)
+    assert small.due(entries=21, log_bytes=100, factor=2)
+    # and twice the time.
+    clock.now += 300
+    assert small.due(entries=0, log_bytes=0)
+    assert not small.due(entries=0, log_bytes=0, factor=2)
+    clock.now += 300
+    assert small.due(entries=0, log_bytes=0, factor=2)

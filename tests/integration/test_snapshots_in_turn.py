@@ -1,0 +1,78 @@
+"""Nodes write their snapshots in turn (raftchan.snapshot_turns), on real nodes.
+
+Every node reaches the compaction threshold at the same entry; writing all at once, they
+stalled every commit that needed one of them. Here, with a snapshot due every few
+entries, the followers' writes never overlap, and the leader writes fewer than either
+follower (it waits for twice the threshold).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+import raftchan
+from cluster.fixtures import started_cluster
+from cluster.harness import COMPACTION_BY_ENTRIES_ALONE, LocalCluster
+
+#: Bounds each client call.
+TIMEOUT = 60.0
+#: A snapshot is due on a follower after this many entries; the test appends many more.
+MIN_ENTRIES = 10
+APPENDS = 160
+#: Large enough that each write takes a while (the state grows to about 10 MB): tens of
+#: milliseconds here.
+ITEM_BYTES = 64 * 1024
+#: The pause between appends: a snapshot falls due on a follower every MIN_ENTRIES
+#: appends, far apart enough for both to write theirs in turn. A follower that waits for
+#: its turn until its log is twice as large writes it anyway (raftchan.snapshot_turns).
+PAUSE_S = 0.02
+#: How a node logs a snapshot written (raftchan.replica): its end and its duration.
+WRITTEN = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*snapshot written in (\d+\.\d+) s", re.M
+)
+
+
+@pytest.fixture(name="compacting")
+def compacting_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalCluster]:
+    args = ["--compaction-min-entries", str(MIN_ENTRIES), *COMPACTION_BY_ENTRIES_ALONE]
+    with started_cluster(request, tmp_path / "cluster", extra_args=args) as local:
+        yield local
+
+
+def _writes(log: str) -> list[tuple[datetime, datetime]]:
+    """(start, end) of each snapshot a node's log says it wrote."""
+    spans = []
+    for stamp, seconds in WRITTEN.findall(log):
+        end = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f")
+        spans.append((end - timedelta(seconds=float(seconds)), end))
+    return spans
+
+
+def test_followers_write_in_turn_and_the_leader_less_often(compacting: LocalCluster) -> None:
+    leader = compacting.wait_leader()
+    term = compacting.status()[leader]["term"]
+    with raftchan.Client(compacting.addresses, timeout=TIMEOUT) as client:
+        chan = client.channel("turns")
+        for _ in range(APPENDS):
+            chan.append(os.urandom(ITEM_BYTES))
+            chan.flush()  # one entry each
+            time.sleep(PAUSE_S)
+    statuses = compacting.status()
+    assert [s["term"] for s in statuses] == [term] * 3, "the leader changed: rerun"
+    followers = [i for i in range(3) if i != leader]
+    written = [s["snapshots_written"] for s in statuses]
+    assert all(written[i] >= 3 for i in followers), written
+    assert written[leader] < min(written[i] for i in followers), written
+
+    logs = list(compacting.logs().values())
+    first, second = (_writes(logs[i]) for i in followers)
+    assert len(first) >= 3 and len(second) >= 3, (first, second)
+    overlaps = [(a, b) for a in first for b in second if a[0] < b[1] and b[0] < a[1]]
+    assert not overlaps, overlaps
