@@ -115,15 +115,18 @@ class CompactionPolicy:
         self._retry_delay = min(2 * self._retry_delay or RETRY_FIRST_S, RETRY_MAX_S)
         self._retry_at = self._clock() + self._retry_delay
 
-    def due(self, entries: int, log_bytes: int, factor: float = 1.0) -> bool:
+    def due(
+        self, entries: int, log_bytes: int, factor: float = 1.0, *, by_time: bool = True
+    ) -> bool:
         """Whether a log of ``entries`` entries and ``log_bytes`` bytes since the snapshot
         should be compacted now, with each of the four thresholds multiplied by
         ``factor`` (the snapshot's size times ``growth`` counts as one; see
-        raftchan.snapshot_turns for who waits for a larger log)."""
+        raftchan.snapshot_turns for who waits for a larger log). ``by_time`` False
+        leaves ``min_time`` out."""
         now = self._clock()
         if now < self._retry_at:
             return False
-        if now - self._snapshot_at >= self.min_time * factor:
+        if by_time and now - self._snapshot_at >= self.min_time * factor:
             return True
         if log_bytes < self.growth * self.snapshot_bytes * factor:
             return False

@@ -184,8 +184,10 @@ class _SyncBeforeSendTransport(TCPTransport):
         if kind != "append_entries" or not leads:
             self._journal.sync()
         # Snapshots in turn (raftchan.snapshot_turns): each key only when it says something.
-        if kind == "append_entries" and leads and sync_obj.snapshot_turns.has_turn(node):
-            message[TURN_KEY] = True
+        if kind == "append_entries" and leads:
+            grant = sync_obj.snapshot_turns.grant_for(node, message["term"])
+            if grant is not None:
+                message[TURN_KEY] = grant
         elif kind == "next_node_idx" and sync_obj.snapshot_wish:
             message[WISH_KEY] = int(sync_obj.snapshot_wish)
         sent = bool(super().send(node, message))
@@ -296,7 +298,10 @@ class _RaftNode(SyncObj):
         #: append-entries gave it the turn.
         self.snapshot_turns = SnapshotTurns()
         self.snapshot_wish = Wish.IDLE
-        self._raftchan_has_turn = False
+        self._raftchan_grant: int | None = None
+        self._raftchan_used_grant: int | None = None
+        #: How this node's latest snapshot write started: "leader", "turn" or "no turn".
+        self.snapshot_started_by = ""
         super().__init__(**kwargs)
         # Steps at the end of every tick, after its new commands went out:
         self.addOnTickCallback(self._send_commit_notice_if_due)
@@ -347,26 +352,43 @@ class _RaftNode(SyncObj):
         # The flag is set both ways on every tick: one set in the tick that reaps a
         # write (the log not yet trimmed) would otherwise stay, and start another
         # snapshot of the whole state right after it.
-        # Who writes now follows raftchan.snapshot_turns: a follower when its leader gives
-        # it the turn, the leader (with followers) only once its log is twice as large.
+        # Who writes now follows raftchan.snapshot_turns: a follower once per turn its
+        # leader gives it, the leader (with followers) only once its log is twice as
+        # large. Neither writes on time alone at that size: after a long quiet every
+        # node would be due at once.
         journal = self._raftchan_journal
         policy = self._raftchan_compaction
         entries, log_bytes = len(journal), journal.log_bytes
-        writing = self._SyncObj__serializer.writing
-        wanted = policy.due(entries, log_bytes)
-        overdue = policy.due(entries, log_bytes, UNCOORDINATED_FACTOR)
+        serializer = self._SyncObj__serializer
+        writing = serializer.writing
+        # pysyncobj declines a snapshot when nothing was applied since the last one.
+        fresh = self._SyncObj__raftLastApplied - 1 != self._SyncObj__lastSerializedEntry
+        wanted = fresh and policy.due(entries, log_bytes)
+        overdue = fresh and policy.due(entries, log_bytes, UNCOORDINATED_FACTOR, by_time=False)
         turns = self.snapshot_turns
-        if self._isLeader():
+        leads = self._isLeader()
+        grant = self._raftchan_grant
+        has_turn = False
+        if leads:
+            turns.keep_only(self._SyncObj__otherNodes)
             due = overdue if self._SyncObj__otherNodes else wanted
             turns.leader_writing = writing or due
         else:
             if turns.holder is not None or turns.leader_writing:
                 turns.reset()  # it led until lately
-            has_turn = self._raftchan_has_turn and self._getLeader() is not None
+            has_turn = (
+                grant is not None
+                and grant != self._raftchan_used_grant
+                and self._getLeader() is not None
+            )
             due = overdue or (wanted and has_turn)
         self.snapshot_wish = Wish.WRITING if writing else Wish.WANTS if wanted else Wish.IDLE
         self._SyncObj__forceLogCompaction = due
         SyncObj._SyncObj__tryLogCompaction(self)
+        if serializer.writing and not writing:  # a write started in this tick
+            self.snapshot_started_by = "leader" if leads else "turn" if has_turn else "no turn"
+            if has_turn:
+                self._raftchan_used_grant = grant  # one write per turn
 
     def _send_commit_notice_if_due(self) -> None:
         # Called after the tick's commands were sent: when one was, it carried the commit
@@ -462,9 +484,8 @@ class _RaftNode(SyncObj):
         if kind == pre_vote.ANSWER:
             self._count_pre_vote(node, message)
             return
-        if kind == "append_entries":
-            self._raftchan_has_turn = bool(message.get(TURN_KEY))
-        elif kind == "next_node_idx" and self._isLeader():
+        turn = message.get(TURN_KEY)  # read before held_entries may rebuild the message
+        if kind == "next_node_idx" and self._isLeader():
             self.snapshot_turns.heard(node, message.get(WISH_KEY, Wish.IDLE))
         if kind == "append_entries" and message.get("entries"):
             message, self._raftchan_answer_next = for_follower(self._raftchan_journal, message)
@@ -475,6 +496,8 @@ class _RaftNode(SyncObj):
         if kind == "append_entries" and self._getLeader() == node:
             self._raftchan_heard_leader_at = raft_clock()
             self._raftchan_pre_votes.clear()
+            # Only the current leader's turn counts (pysyncobj has checked its term).
+            self._raftchan_grant = turn if type(turn) is int else None
         if is_snapshot_chunk_before_last(message) and self._getLeader() == node:
             # pysyncobj's follower answers a snapshot only after its last chunk. A leader
             # whose messages go unanswered for the connection timeout (1 s) closes the
@@ -783,8 +806,9 @@ class Replica:
         self._snapshots_written += 1
         self._compaction.snapshot_changed()
         logger.info(
-            "snapshot written in %.3f s: %d bytes, %d bytes of log before it",
+            "snapshot written in %.3f s (%s): %d bytes, %d bytes of log before it",
             seconds,
+            self._node.snapshot_started_by,
             self._compaction.snapshot_bytes,
             self.journal.log_bytes,
         )

@@ -33,9 +33,12 @@ ITEM_BYTES = 64 * 1024
 #: appends, far apart enough for both to write theirs in turn. A follower that waits for
 #: its turn until its log is twice as large writes it anyway (raftchan.snapshot_turns).
 PAUSE_S = 0.02
-#: How a node logs a snapshot written (raftchan.replica): its end and its duration.
-WRITTEN = re.compile(
-    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*snapshot written in (\d+\.\d+) s", re.M
+#: How a node logs a snapshot it wrote in its turn (raftchan.replica): its end and its
+#: duration. A follower that waited for a turn until its log was twice as large writes
+#: "(no turn)": that is allowed to overlap (a busy host makes it happen).
+WRITTEN_IN_TURN = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*snapshot written in (\d+\.\d+) s \(turn\)",
+    re.M,
 )
 
 
@@ -49,7 +52,7 @@ def compacting_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
 def _writes(log: str) -> list[tuple[datetime, datetime]]:
     """(start, end) of each snapshot a node's log says it wrote."""
     spans = []
-    for stamp, seconds in WRITTEN.findall(log):
+    for stamp, seconds in WRITTEN_IN_TURN.findall(log):
         end = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f")
         spans.append((end - timedelta(seconds=float(seconds)), end))
     return spans
@@ -65,7 +68,8 @@ def test_followers_write_in_turn_and_the_leader_less_often(compacting: LocalClus
             chan.flush()  # one entry each
             time.sleep(PAUSE_S)
     statuses = compacting.status()
-    assert [s["term"] for s in statuses] == [term] * 3, "the leader changed: rerun"
+    if [s["term"] for s in statuses] != [term] * 3:
+        pytest.skip("an election took place: which node led at each write is unknown")
     followers = [i for i in range(3) if i != leader]
     written = [s["snapshots_written"] for s in statuses]
     assert all(written[i] >= 3 for i in followers), written

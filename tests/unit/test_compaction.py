@@ -147,3 +147,12 @@ def test_a_factor_scales_every_threshold(tmp_path: Path) -> None:
     assert not small.due(entries=0, log_bytes=0, factor=2)
     clock.now += 300
     assert small.due(entries=0, log_bytes=0, factor=2)
+
+
+def test_by_time_false_leaves_the_time_rule_out(tmp_path: Path) -> None:
+    clock = FakeClock()
+    compaction = policy(snapshot_of(tmp_path, 1000), clock)
+    clock.now += 300
+    assert compaction.due(entries=0, log_bytes=0)
+    assert not compaction.due(entries=0, log_bytes=0, by_time=False)
+    assert compaction.due(entries=11, log_bytes=500, by_time=False)
