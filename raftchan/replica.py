@@ -79,6 +79,7 @@ from raftchan.snapshot_turns import (
     WISH_KEY,
     SnapshotTurns,
     Wish,
+    follower_wish,
 )
 from raftchan.snapshot_writer import BackgroundSnapshots, WriteSnapshot
 from raftchan.state import ChannelState, Result
@@ -382,7 +383,8 @@ class _RaftNode(SyncObj):
                 and self._getLeader() is not None
             )
             due = overdue or (wanted and has_turn)
-        self.snapshot_wish = Wish.WRITING if writing else Wish.WANTS if wanted else Wish.IDLE
+        spent = not leads and grant is not None and grant == self._raftchan_used_grant
+        self.snapshot_wish = follower_wish(writing=writing, wanted=wanted, turn_spent=spent)
         self._SyncObj__forceLogCompaction = due
         SyncObj._SyncObj__tryLogCompaction(self)
         if serializer.writing and not writing:  # a write started in this tick

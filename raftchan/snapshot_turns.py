@@ -44,6 +44,7 @@ __all__ = [
     "WISH_KEY",
     "SnapshotTurns",
     "Wish",
+    "follower_wish",
 ]
 
 #: Key of a follower's wish in its ``next_node_idx`` answers (absent: Wish.IDLE).
@@ -64,6 +65,18 @@ class Wish(IntEnum):
     IDLE = 0
     WANTS = 1
     WRITING = 2
+
+
+def follower_wish(*, writing: bool, wanted: bool, turn_spent: bool) -> Wish:
+    """What a follower tells its leader: WRITING while a write of its snapshot is under
+    way, WANTS when one is due, else IDLE. A follower that still holds a turn it has
+    written under (``turn_spent``) says IDLE even when due again: the leader would take
+    WANTS for an answer sent before the turn reached it, and leave the turn with it until
+    GRANT_TIMEOUT_S (a write that began and ended between two of its messages). It asks
+    again, at the back, once the turn is gone."""
+    if writing:
+        return Wish.WRITING
+    return Wish.WANTS if wanted and not turn_spent else Wish.IDLE
 
 
 class SnapshotTurns:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from raftchan.snapshot_turns import GRANT_TIMEOUT_S, SnapshotTurns, Wish
+from raftchan.snapshot_turns import GRANT_TIMEOUT_S, SnapshotTurns, Wish, follower_wish
 
 TERM = 3
 
@@ -134,3 +134,15 @@ def test_an_unknown_wish_counts_as_idle() -> None:
     assert turns.grant_for("a", TERM) is not None
     turns.heard("a", 7)
     assert turns.holder is None
+
+
+def test_a_follower_done_with_its_turn_gives_it_back_even_when_due_again() -> None:
+    turns = a_holds_the_turn_and_b_waits(FakeClock())
+    # a's write began and ended between two answers: the first after it says
+    assert follower_wish(writing=False, wanted=True, turn_spent=True) is Wish.IDLE
+    turns.heard("a", Wish.IDLE)
+    assert turns.grant_for("b", TERM) is not None  # b at once, not after GRANT_TIMEOUT_S
+    # and once the turn is gone, a asks again.
+    assert follower_wish(writing=False, wanted=True, turn_spent=False) is Wish.WANTS
+    assert follower_wish(writing=True, wanted=True, turn_spent=True) is Wish.WRITING
+    assert follower_wish(writing=False, wanted=False, turn_spent=False) is Wish.IDLE
