@@ -295,8 +295,8 @@ class _RaftNode(SyncObj):
         #: (see raftchan.peer_backlog).
         self.held_peers: set[Any] = set()
         #: Snapshots taken in turn (see raftchan.snapshot_turns): the leader's record of
-        #: its followers' wishes; a follower's own wish, and whether its leader's last
-        #: append-entries gave it the turn.
+        #: its followers' wishes; a follower's own wish, the grant number its leader's
+        #: last append-entries carried, and the last grant it wrote under.
         self.snapshot_turns = SnapshotTurns()
         self.snapshot_wish = Wish.IDLE
         self._raftchan_grant: int | None = None
@@ -369,6 +369,7 @@ class _RaftNode(SyncObj):
         turns = self.snapshot_turns
         leads = self._isLeader()
         grant = self._raftchan_grant
+        spent = not leads and grant is not None and grant == self._raftchan_used_grant
         has_turn = False
         if leads:
             turns.keep_only(self._SyncObj__otherNodes)
@@ -377,13 +378,8 @@ class _RaftNode(SyncObj):
         else:
             if turns.holder is not None or turns.leader_writing:
                 turns.reset()  # it led until lately
-            has_turn = (
-                grant is not None
-                and grant != self._raftchan_used_grant
-                and self._getLeader() is not None
-            )
+            has_turn = grant is not None and not spent and self._getLeader() is not None
             due = overdue or (wanted and has_turn)
-        spent = not leads and grant is not None and grant == self._raftchan_used_grant
         self.snapshot_wish = follower_wish(writing=writing, wanted=wanted, turn_spent=spent)
         self._SyncObj__forceLogCompaction = due
         SyncObj._SyncObj__tryLogCompaction(self)

@@ -31,6 +31,7 @@ __all__ = [
     "STEP_BYTES",
     "remove_gradually",
     "remove_leftovers",
+    "removed",
     "replace",
     "shrink_and_remove",
     "wait_idle",
