@@ -28,9 +28,10 @@ raftchan.snapshot_turns's to decide.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
+
+from raftchan.snapshot import stored_bytes
 
 __all__ = [
     "DEFAULT_GROWTH",
@@ -92,12 +93,10 @@ class CompactionPolicy:
 
     @property
     def snapshot_bytes(self) -> int:
-        """Size of the snapshot file in bytes; 0 while there is none."""
+        """Size of the snapshot in bytes, its segment files included; 0 while there is
+        none."""
         if self._snapshot_bytes is None:
-            try:
-                self._snapshot_bytes = os.stat(self._path).st_size
-            except FileNotFoundError:
-                self._snapshot_bytes = 0
+            self._snapshot_bytes = stored_bytes(self._path)
         return self._snapshot_bytes
 
     def snapshot_changed(self) -> None:

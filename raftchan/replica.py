@@ -47,8 +47,8 @@ from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 from pysyncobj.tcp_connection import CONNECTION_STATE
 from pysyncobj.transport import TCPTransport
 
+from raftchan import item_segments, membership, pre_vote, retired_files
 from raftchan import journal as journal_module
-from raftchan import membership, pre_vote, retired_files
 from raftchan import snapshot as snapshot_module
 from raftchan.compaction import CompactionPolicy
 from raftchan.config import NodeConfig
@@ -64,7 +64,6 @@ from raftchan.errors import (
 )
 from raftchan.held_entries import for_follower
 from raftchan.limits import Limits
-from raftchan.packing import packb_in_pieces
 from raftchan.peer_backlog import (
     ConnectedPeers,
     is_backlogged,
@@ -661,6 +660,10 @@ class Replica:
         # pysyncobj loads the snapshot file (if any) in its first tick: that call of the
         # deserializer restores this start; every later one installs a leader's snapshot.
         self._startup_load_pending = os.path.isfile(snapshot_path)
+        self._segments = item_segments.SegmentBook(snapshot_path)
+        self._capture: item_segments.Capture | None = None
+        if not self._startup_load_pending:
+            self._segments.remove_unused()  # a first snapshot cut short by a crash
         self._compaction = CompactionPolicy(
             snapshot_path,
             min_entries=config.raft.compaction_min_entries,
@@ -786,28 +789,32 @@ class Replica:
         # they are encoded piece by piece as the file is written. Encoded here in one
         # call, 300 MB of items held the GIL, and so this thread and the client
         # connections, for 0.46 s: longer than the election timeout.
+        # Items an earlier snapshot of this node wrote stay in its segment files; only
+        # the new ones are taken (see raftchan.item_segments).
         last_entry, prev_entry, cluster = data
-        with self.lock:
-            fields = self.state.snapshot_fields()
         # pysyncobj hands over the membership of the log's end; the snapshot must hold
         # the membership as of its own index, so undo the changes logged after it.
         current = [getattr(node, "id", str(node)) for node in cluster]
         node_ids = membership.undo_changes(current, self.journal.changes_after(last_entry[1]))
-
-        def write(path: str) -> None:
-            pieces = packb_in_pieces(fields)
-            snapshot_module.write_snapshot(path, last_entry, prev_entry, node_ids, pieces)
-
-        return write
+        with self.lock:
+            capture = self._segments.capture(self.state, last_entry, prev_entry, node_ids)
+        self._capture = capture
+        return capture.write
 
     def _snapshot_written(self, seconds: float) -> None:
         self._snapshots_written += 1
+        capture, self._capture = self._capture, None
+        if capture is not None:
+            self._segments.adopt(capture)
         self._compaction.snapshot_changed()
         logger.info(
-            "snapshot written in %.3f s (%s): %d bytes, %d bytes of log before it",
+            "snapshot written in %.3f s (%s): %d bytes, %d of them new, in %d segments; "
+            "%d bytes of log before it",
             seconds,
             self._node.snapshot_started_by,
             self._compaction.snapshot_bytes,
+            capture.new_bytes if capture is not None else 0,
+            self._segments.segment_count,
             self.journal.log_bytes,
         )
         self._on_snapshot_written(seconds)
@@ -817,7 +824,7 @@ class Replica:
         self._compaction.snapshot_changed()
         try:
             snap = snapshot_module.read_snapshot(file_name)
-            state = ChannelState.from_bytes(snap.state)
+            state, runs = item_segments.load_state(file_name, snap)
         except Exception as exc:
             # pysyncobj only logs a failed load and carries on with an empty state whose
             # journal starts past it: the node would silently never apply again. Stop it.
@@ -836,9 +843,11 @@ class Replica:
             # computed from both before pysyncobj started.
             self._startup_load_pending = False
             members = self._start_members
+            self._segments.restart(snap, runs, state)
         else:
             # A leader's snapshot replaces this node's whole log.
             members = list(snap.node_ids)
+            self._segments.forget()
         # Ids without this node: pysyncobj compares the list with its own node object, not
         # its id, and a string id of itself would make it count itself twice (measured).
         others = [m for m in members if m != self.config.peer_address]

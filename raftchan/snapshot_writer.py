@@ -31,7 +31,7 @@ from typing import Any
 from pysyncobj.serializer import SERIALIZER_STATE, Serializer
 
 from raftchan import retired_files
-from raftchan.snapshot import fsync_directory
+from raftchan.snapshot import SnapshotCorrupt, SnapshotStream, fsync_directory
 
 __all__ = ["BackgroundSnapshots", "WriteSnapshot"]
 
@@ -165,6 +165,20 @@ class BackgroundSnapshots(Serializer):
         raftchan.retired_files). Call in pysyncobj's thread, which sends the transfers."""
         self._Serializer__transmissions: dict[Any, Any] = {}
         retired_files.remove_gradually(path)
+
+    def getTransmissionData(self, transmission_id: Any) -> Any:  # noqa: N802 - pysyncobj's name
+        """pysyncobj's: the next chunk of the snapshot for a peer. The snapshot is read
+        with its segment files appended (see raftchan.snapshot.SnapshotStream), so the
+        peer receives one whole file."""
+        transmissions = self._Serializer__transmissions
+        if transmission_id not in transmissions:
+            try:
+                stream = SnapshotStream(self.path)
+            except (OSError, SnapshotCorrupt) as exc:
+                logger.error("cannot send snapshot %s: %s", self.path, exc)
+                return None
+            transmissions[transmission_id] = {"file": stream, "transmitted": 0}
+        return super().getTransmissionData(transmission_id)
 
     def cancelTransmisstion(self, node: Any) -> None:  # noqa: N802 - pysyncobj's name
         """pysyncobj's: forget how far ``node`` got in receiving the snapshot. Not for a

@@ -27,6 +27,7 @@ from cluster.fixtures import started_cluster
 from cluster.harness import COMPACTION_BY_ENTRIES_ALONE, LocalCluster
 from raftchan.config import RaftTuning
 from raftchan.peer_backlog import MAX_UNSENT_BYTES
+from raftchan.snapshot import stored_bytes
 from raftchan.snapshot_turns import UNCOORDINATED_FACTOR
 
 #: The nodes' own election timing (0.3-0.6 s; their connection timeout is then 1 s).
@@ -189,7 +190,7 @@ def test_a_follower_slow_to_store_a_snapshot_gets_all_of_it(
     snapshot = local.nodes[leader].spec.data_dir / "raft.snapshot"
     _wait_for(
         "the leader compacted its log into a snapshot of most items",
-        lambda: snapshot.exists() and snapshot.stat().st_size > ITEMS * ITEM_BYTES // 2,
+        lambda: stored_bytes(snapshot) > ITEMS * ITEM_BYTES // 2,
     )
     target = local.status()[leader]["commit_index"]
 

@@ -8,10 +8,20 @@ from pathlib import Path
 from pysyncobj.serializer import SERIALIZER_STATE
 
 from raftchan.retired_files import RETIRED_MARK, wait_idle
+from raftchan.snapshot import write_snapshot
 from raftchan.snapshot_writer import BackgroundSnapshots, WriteSnapshot
 
 #: Bounds each wait for the writer's thread.
 WAIT_TIMEOUT = 10.0
+
+
+def _snapshot_file(tmp_path: Path, state: bytes) -> bytes:
+    """The bytes of a real snapshot file holding ``state`` (transfers read its head)."""
+    scratch = tmp_path / "scratch.snapshot"
+    write_snapshot(scratch, (b"", 2, 1), (b"", 1, 1), ["a"], state)
+    data = scratch.read_bytes()
+    scratch.unlink()
+    return data
 
 
 class _GatedWrite:
@@ -65,7 +75,8 @@ def test_a_snapshot_is_written_in_the_background_and_reported_once_done(tmp_path
 
 def test_a_failed_write_is_reported_and_leaves_the_old_snapshot(tmp_path: Path) -> None:
     path = tmp_path / "raft.snapshot"
-    path.write_bytes(b"old")
+    old = _snapshot_file(tmp_path, b"old")
+    path.write_bytes(old)
     write = _GatedWrite(b"new", error=OSError(28, "No space left on device"))
     written: list[float] = []
     failures: list[None] = []
@@ -78,13 +89,13 @@ def test_a_failed_write_is_reported_and_leaves_the_old_snapshot(tmp_path: Path) 
         on_failed=lambda: failures.append(None),
     )
     # A transfer of the old snapshot goes on: the failed write replaced nothing.
-    assert snapshots.getTransmissionData("follower") == (b"old", True, False)
+    assert snapshots.getTransmissionData("follower") == (old, True, False)
     snapshots.serialize((None, ("last",), ("prev",), set()), 7)
     write.gate.set()
     assert snapshots.wait(WAIT_TIMEOUT)
     assert failures == []  # told when pysyncobj learns of it, in its thread
     assert snapshots.checkSerializing() == (SERIALIZER_STATE.FAILED, 7)
-    assert path.read_bytes() == b"old"
+    assert path.read_bytes() == old
     assert written == []
     assert snapshots.getTransmissionData("follower") == (b"", False, True)
     assert failures == [None]
@@ -158,9 +169,10 @@ def test_the_replaced_snapshot_is_freed_only_once_its_transfers_start_over(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "raft.snapshot"
-    old = b"o" * 200_000
+    old = _snapshot_file(tmp_path, b"o" * 200_000)
     path.write_bytes(old)
-    write = _GatedWrite(b"new snapshot")
+    new = _snapshot_file(tmp_path, b"new snapshot")
+    write = _GatedWrite(new)
     snapshots = _snapshots(path, write, [])
     chunk = snapshots.getTransmissionData("follower")  # a transfer of the old one begins
     assert chunk == (old[:65536], True, False)
@@ -169,12 +181,12 @@ def test_the_replaced_snapshot_is_freed_only_once_its_transfers_start_over(
     write.gate.set()
     assert snapshots.wait(WAIT_TIMEOUT)
     # Replaced, but kept whole while the transfer may still read it.
-    assert path.read_bytes() == b"new snapshot"
+    assert path.read_bytes() == new
     assert snapshots.getTransmissionData("follower") == (old[65536:131072], False, False)
     assert [p.name for p in tmp_path.iterdir() if RETIRED_MARK in p.name]
 
     assert snapshots.checkSerializing() == (SERIALIZER_STATE.SUCCESS, 7)
     # The transfer starts over from the new file, and the old one is freed.
-    assert snapshots.getTransmissionData("follower") == (b"new snapshot", True, False)
+    assert snapshots.getTransmissionData("follower") == (new, True, False)
     assert wait_idle(WAIT_TIMEOUT)
     assert not [p.name for p in tmp_path.iterdir() if RETIRED_MARK in p.name]
