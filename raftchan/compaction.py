@@ -1,9 +1,9 @@
 """When a node takes a snapshot of its state and trims its Raft log: the compaction policy.
 
 pysyncobj takes a snapshot once the log holds ``logCompactionMinEntries`` entries or
-``logCompactionMinTime`` seconds have passed, whatever the sizes. Each snapshot writes
-the whole state, and group commit packs many appends into one entry, so the count says
-little about bytes:
+``logCompactionMinTime`` seconds have passed, whatever the sizes. Each snapshot wrote
+the whole state then, and group commit packs many appends into one entry, so the count
+says little about bytes:
 
 - a large state was rewritten for a few small appends: with 627 MB retained, the 1,000
   single appends of a paced phase crossed the 5,000th entry, and every node wrote and
@@ -14,12 +14,14 @@ little about bytes:
 
 :class:`CompactionPolicy` decides by bytes as well, as Redis does before it rewrites its
 append-only file. A snapshot is due once the log holds ``growth`` times the last
-snapshot's size *and* more than ``min_entries`` entries or ``min_bytes`` bytes. Each
-snapshot then writes at most ``1 + 1 / growth`` bytes per byte appended since the last
-one, and the log stays under ``growth`` times the last snapshot or ``min_bytes``,
-whichever is larger. A snapshot is also due ``min_time`` seconds after the last one,
-whatever the log holds: that bounds how many entries a slow trickle leaves in memory,
-and frees the space of deleted channels and trimmed items.
+snapshot's size (its segment files included) *and* more than ``min_entries`` entries
+or ``min_bytes`` bytes. The log then stays under ``growth`` times the last snapshot or
+``min_bytes``, whichever is larger. (A snapshot now writes only the items appended
+since the last one, see raftchan.item_segments; when each wrote the whole state, the
+rule bounded that to ``1 + 1 / growth`` bytes per byte appended.) A snapshot is also
+due ``min_time`` seconds after the last one, whatever the log holds: that bounds how
+many entries a slow trickle leaves in memory, and frees the space of deleted channels
+and trimmed items.
 
 Who writes when it is due, and who waits for twice the thresholds (``factor``), is
 raftchan.snapshot_turns's to decide.

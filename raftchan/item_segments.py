@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +47,7 @@ import msgpack
 from raftchan import retired_files
 from raftchan import snapshot as snapshot_module
 from raftchan.packing import packb_in_pieces
-from raftchan.snapshot import Entry, Segment, Snapshot, SnapshotCorrupt
+from raftchan.snapshot import Entry, Segment, Snapshot, SnapshotCorrupt, fsync_directory
 from raftchan.state import SNAPSHOT_VERSION, Channel, ChannelState
 
 __all__ = [
@@ -88,7 +89,8 @@ class _Held:
     """A channel's items this node holds in segments: indexes ``runs[0].start`` (or
     ``end`` when there are none) to ``end``."""
 
-    channel: Channel
+    #: Weak: a deleted channel's items must not stay in memory until the next snapshot.
+    channel: weakref.ref[Channel]
     runs: list[Run]
     end: int
 
@@ -141,6 +143,8 @@ class Capture:
                 offset += length
             f.flush()
             os.fdatasync(f.fileno())
+        # The segment's name on disk before a snapshot that needs it is renamed into place.
+        fsync_directory(os.path.dirname(segment_path))
         self.new_bytes = offset
         self.segments = {**self.segments, self.new_segment: Segment(self.new_segment, offset, crc)}
         return runs
@@ -195,12 +199,16 @@ class SegmentBook:
         live: dict[str, int] = {}
         for name, channel in state.channels.items():
             held = self._held.get(name)
-            if held is None or held.channel is not channel:
+            if held is None or held.channel() is not channel:
                 continue  # new, or deleted and opened again: written whole
             runs = [run for run in held.runs if run.end > channel.first]
             kept[name] = runs
             for run in runs:
-                live[run.segment] = live.get(run.segment, 0) + run.length
+                # Only the share of the run still retained counts as used: a channel
+                # trimmed down (a smaller maxlen) must not keep its old run alive whole.
+                retained = run.end - max(run.start, channel.first)
+                used = run.length * retained // run.count
+                live[run.segment] = live.get(run.segment, 0) + used
         if len(live) >= MAX_SEGMENTS:
             sparse = set(live)
         else:
@@ -238,7 +246,7 @@ class SegmentBook:
         if capture.generation != self._generation:
             return
         self._held = {
-            name: _Held(channel, capture.runs.get(name, []), end)
+            name: _Held(weakref.ref(channel), capture.runs.get(name, []), end)
             for name, (channel, _runs, _start, end) in capture.channels.items()
         }
         self._segments = {segment.name: segment for segment in capture.table}
@@ -255,7 +263,7 @@ class SegmentBook:
                 channel_runs = runs.get(name, [])
                 end = channel_runs[-1].end if channel_runs else channel.first
                 if end == channel.next:
-                    self._held[name] = _Held(channel, channel_runs, end)
+                    self._held[name] = _Held(weakref.ref(channel), channel_runs, end)
         self.remove_unused()
 
     def forget(self) -> None:

@@ -278,6 +278,9 @@ _Identity = tuple[int, int, int, int]
 #: file that was verified (see read_snapshot_anchor).
 _verified_anchors: dict[str, tuple[_Identity, Entry]] = {}
 
+#: Segment files verified whole, by path: the identity of the file and its CRC.
+_verified_segments: dict[str, tuple[_Identity, int]] = {}
+
 
 def _identity(st: os.stat_result) -> _Identity:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
@@ -311,14 +314,22 @@ def _read_file(path: str | os.PathLike[str], *, load_state: bool) -> tuple[Snaps
     if embedded_at is None:
         directory = os.path.dirname(os.path.abspath(spath))
         for segment in segments:
+            segment_path = os.path.join(directory, segment.name)
             try:
-                with open(os.path.join(directory, segment.name), "rb") as f:
-                    if os.fstat(f.fileno()).st_size != segment.size:
+                with open(segment_path, "rb") as f:
+                    seen = _identity(os.fstat(f.fileno()))
+                    if seen[2] != segment.size:
                         raise SnapshotCorrupt(
                             f"snapshot {spath!r}: segment {segment.name!r} is not "
                             f"{segment.size} bytes"
                         )
-                    _check_segment(f, segment, spath)
+                    # A segment never changes once written: one verified before, the
+                    # same file since, is not read again. Each snapshot writes only new
+                    # items, and reading every earlier segment back each time would
+                    # cost what writing them whole did.
+                    if _verified_segments.get(segment_path) != (seen, segment.crc):
+                        _check_segment(f, segment, spath)
+                        _verified_segments[segment_path] = (seen, segment.crc)
             except FileNotFoundError as exc:
                 # Not "no snapshot" (what FileNotFoundError means to the callers): a
                 # snapshot that lacks a part of its state.

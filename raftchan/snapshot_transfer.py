@@ -84,7 +84,11 @@ class SnapshotReceiver:
             return False
         self._file = None
         try:
-            read_snapshot_meta(self.incoming)
+            snapshot = read_snapshot_meta(self.incoming)
+            if snapshot is not None and snapshot.segments and snapshot.embedded_at is None:
+                # A sent snapshot carries its segments: one that names files beside it
+                # lost them on the way, and files of those names here are this node's.
+                raise SnapshotCorrupt(f"{self.incoming!r} arrived without its segments")
         except (SnapshotCorrupt, OSError) as exc:
             logger.warning("refusing a snapshot sent by the leader: %s", exc)
             self._discard()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import raftchan.snapshot as snapshot_module
 from raftchan.item_segments import MAX_SEGMENTS, SEGMENT_MARK, Capture, SegmentBook, load_state
 from raftchan.retired_files import wait_idle
 from raftchan.snapshot import SnapshotCorrupt, SnapshotStream, read_snapshot, stored_bytes
@@ -237,3 +240,58 @@ def test_a_failed_write_leaves_no_segment(tmp_path: Path) -> None:
     with pytest.raises(IsADirectoryError):
         capture.write(str(in_the_way))
     assert node.segment_files() == []
+
+
+def test_a_channel_trimmed_down_frees_its_old_segment(tmp_path: Path) -> None:
+    node = _Node(tmp_path)
+    node.run(["open", "c", None])
+    node.append("c", *[os.urandom(1000) for _ in range(100)])
+    node.snapshot()
+    [old_segment] = node.segment_files()
+    node.run(["open", "c", 1])  # a smaller maxlen: one item of the hundred is left
+    node.snapshot()
+    # The one retained item moved to a new segment; the 100 KB one went.
+    assert old_segment not in node.segment_files()
+    assert stored_bytes(node.path) < 10_000
+    _same(node.loaded(), node.state)
+
+
+def test_a_deleted_channel_is_not_held_in_memory_by_the_record(tmp_path: Path) -> None:
+    node = _Node(tmp_path)
+    node.run(["open", "c", None])
+    node.append("c", b"x")
+    node.snapshot()
+    channel = weakref.ref(node.state.channels["c"])
+    node.run(["delete", "c"])
+    gc.collect()
+    assert channel() is None
+
+
+def test_earlier_segments_are_not_read_again_to_verify_a_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = _Node(tmp_path)
+    node.run(["open", "c", None])
+    node.append("c", b"a" * 1000)
+    node.snapshot()
+    read_snapshot(node.path)  # the first segment verified once
+    checked: list[str] = []
+    check = snapshot_module._check_segment
+
+    def counting(f: Any, segment: Any, spath: str) -> None:
+        checked.append(segment.name)
+        check(f, segment, spath)
+
+    monkeypatch.setattr(snapshot_module, "_check_segment", counting)
+    node.append("c", b"b" * 1000)
+    capture = node.snapshot()
+    read_snapshot(node.path)
+    assert checked == [capture.new_segment]
+    # A segment replaced by another file of the same name is read again (and refused).
+    segment = tmp_path / capture.new_segment
+    damaged = bytearray(segment.read_bytes())
+    damaged[5] ^= 0xFF
+    os.remove(segment)
+    segment.write_bytes(bytes(damaged))
+    with pytest.raises(SnapshotCorrupt):
+        read_snapshot(node.path)

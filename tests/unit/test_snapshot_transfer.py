@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import zlib
 from pathlib import Path
 
-from raftchan.snapshot import read_snapshot, write_snapshot
+from raftchan.snapshot import Segment, SnapshotStream, read_snapshot, write_snapshot
 from raftchan.snapshot_transfer import SnapshotReceiver
 
 CHUNK = 4096
@@ -88,3 +90,33 @@ def test_the_node_is_asked_right_before_a_whole_transfer_replaces_its_snapshot(
         receiver.receive(chunk)
     assert seen_at_the_call == [10]
     assert read_snapshot(path).last_entry[1] == 50
+
+
+def test_a_transfer_that_lost_its_segments_is_refused_even_if_files_of_their_names_exist(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "raft.snapshot"
+    own = _snapshot_bytes(tmp_path, 10, b"own")
+    path.write_bytes(own)
+    # The sender's snapshot refers to a segment; this node happens to hold a file of the
+    # same name and contents (its own numbering), which must not stand in for it.
+    segment = tmp_path / "raft.snapshot.seg-1"
+    segment.write_bytes(b"segment bytes")
+    source = tmp_path / "sent.snapshot"
+    write_snapshot(
+        source,
+        (b"", 50, 3),
+        (b"", 49, 3),
+        ["a:1"],
+        b"state",
+        [Segment(segment.name, segment.stat().st_size, zlib.crc32(segment.read_bytes()))],
+    )
+    receiver = SnapshotReceiver(str(path))
+    answers = [receiver.receive(chunk) for chunk in _chunks(source.read_bytes())]
+    assert not any(answers)
+    assert path.read_bytes() == own
+    # Sent with its segment appended, as a leader sends it, the same snapshot is taken.
+    whole = b"".join(iter(functools.partial(SnapshotStream(source).read, 1 << 20), b""))
+    answers = [receiver.receive(chunk) for chunk in _chunks(whole)]
+    assert answers[-1] is True
+    assert read_snapshot(path).embedded_at is not None
