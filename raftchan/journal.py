@@ -8,7 +8,12 @@ those three things:
 
 - records are appended with ``os.write`` and made durable by :meth:`DurableJournal.sync`;
 - a prefix is trimmed by writing a new file, fsyncing it and renaming it over the old one,
-  so a crash leaves the whole old journal or the whole new one;
+  so a crash leaves the whole old journal or the whole new one. After a snapshot
+  (:meth:`DurableJournal.deleteEntriesTo`) the entries are dropped from memory at once
+  and the file is rewritten on a thread of its own: in pysyncobj's thread, rewriting the
+  8-46 MB of 4 KiB appends that arrived while a snapshot was written held every commit
+  of the node for 30-830 ms. Until the new file is in place the old one holds entries
+  the snapshot covers as well, which opening the journal drops (see below);
 - on open the journal is trimmed to start at the snapshot's anchor entry, so pysyncobj
   accepts it instead of clearing it.
 
@@ -28,9 +33,9 @@ Test aid: when the environment variable ``RAFTCHAN_TEST_COMPACTION_PAUSE`` holds
 of seconds, every compaction (:meth:`DurableJournal.deleteEntriesTo`) logs the WARNING
 "compaction paused for tests" once the new journal is written and fsynced, then sleeps that
 long before renaming it into place. A fault test waits for that line and kills the node,
-which is otherwise a window of microseconds. It blocks pysyncobj's tick thread, so it has
-no place outside tests; other rewrites (creating the file, recovery, :meth:`clear`) never
-pause.
+which is otherwise a window of microseconds. It holds up the journal's compactions, so it
+has no place outside tests; other rewrites (creating the file, recovery, :meth:`clear`)
+never pause.
 """
 
 from __future__ import annotations
@@ -97,6 +102,25 @@ def _encode_record(command: bytes, idx: int, term: int) -> bytes:
     return _RECORD.pack(len(command), crc, idx, term) + command
 
 
+#: The new file a compaction writes, beside the journal, before renaming it into place.
+_COMPACTING_SUFFIX = ".compacting"
+#: How long closing waits for a compaction under way to give up.
+_CLOSE_WAIT_S = 10.0
+
+# Copied a few MiB at a time, so that a large journal is never read into memory whole.
+_COPY_CHUNK = 4 << 20
+
+
+def _copy_range(source: int, target: int, start: int, end: int) -> None:
+    """Append bytes ``start`` to ``end`` of file ``source`` to file ``target``."""
+    while start < end:
+        data = os.pread(source, min(_COPY_CHUNK, end - start), start)
+        if not data:
+            raise OSError(f"the journal ended at {start}, before {end}")
+        _write_all(target, data)
+        start += len(data)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     # os.write may write less than asked (signals, some file systems); keep going.
     view = memoryview(data)
@@ -161,6 +185,13 @@ class DurableJournal(pysyncobj.journal.Journal):
         self._fd = -1
         self._synced_fd = -1
         self._closed = False
+        #: Counts changes that make a compaction under way useless: a rewrite of the file,
+        #: or records cut from its end (see _compact_file).
+        self._file_generation = 0
+        #: The thread rewriting the file without its dropped prefix, and whether another
+        #: rewrite was asked for while it ran.
+        self._compactor: threading.Thread | None = None
+        self._compact_again = False
 
         self._meta: dict[str, Any] = self._load_meta()
         self._meta_dirty = False
@@ -194,8 +225,9 @@ class DurableJournal(pysyncobj.journal.Journal):
 
     @property
     def log_bytes(self) -> int:
-        """Bytes of the records the journal holds (the file past its header)."""
-        return max(0, self._end - _FILE_HEADER.size)
+        """Bytes of the records the journal holds (not of those dropped from it whose
+        file is still being rewritten)."""
+        return self._end - self._offsets[0] if self._offsets else 0
 
     # ------------------------------------------------------------------ list protocol
 
@@ -298,6 +330,7 @@ class DurableJournal(pysyncobj.journal.Journal):
                 len(self._entries) - start,
                 self._entries[start][1],
             )
+            self._file_generation += 1
             os.ftruncate(self._fd, new_end)
             if self._fsync_enabled:
                 # Without this a power loss could bring the dropped (conflicting) entries back.
@@ -316,10 +349,11 @@ class DurableJournal(pysyncobj.journal.Journal):
 
         pysyncobj calls this right after renaming a new snapshot into place, so the
         snapshot file and its directory entry are made durable first: trimming the log
-        before the snapshot that replaces it is on disk would lose data on power loss. Then
-        the remaining entries are written to a new file that replaces the old one
-        atomically. A crash at any point leaves the whole old journal or the whole new one;
-        when this returns, the new journal is durable.
+        before the snapshot that replaces it is on disk would lose data on power loss. The
+        entries leave memory at once; the file keeps them until a thread of the journal's
+        own has written the remaining entries to a new file and renamed it over the old
+        one (see :meth:`_compact_file`). A crash at any point leaves the whole old journal
+        or the whole new one, and either starts at or before the snapshot's anchor.
         """
         with self._lock:
             self._check_open()
@@ -335,7 +369,110 @@ class DurableJournal(pysyncobj.journal.Journal):
                 start,
                 self._entries[start][1] if start < len(self._entries) else "end",
             )
-            self._rewrite(self._entries[start:], test_pause=self._test_pause_before_replace)
+            del self._entries[:start]
+            del self._offsets[:start]
+            self._start_compactor()
+
+    def _start_compactor(self) -> None:
+        """Have the compaction thread rewrite the file (again, if it is running)."""
+        if self._compactor is not None and self._compactor.is_alive():
+            self._compact_again = True
+            return
+        self._compact_again = False
+        self._compactor = threading.Thread(
+            target=self._compact_file, name="raftchan-journal-compaction", daemon=True
+        )
+        self._compactor.start()
+
+    def wait_compacted(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds (None: without end) for the file to be rewritten
+        without the entries dropped so far; True when no rewrite is going on any more."""
+        while True:
+            compactor = self._compactor
+            if compactor is None:
+                return True
+            compactor.join(timeout)
+            if compactor.is_alive():
+                return False
+            with self._lock:
+                if self._compactor is compactor:
+                    return True
+
+    def _compact_file(self) -> None:
+        """The compaction thread: copy the records still in the log to a new file without
+        holding the lock, then, holding it, copy what was appended meanwhile, sync, and
+        rename the new file over the old one. Given up (the old file stays, whole) when the
+        file was rewritten or cut meanwhile, or the journal closed."""
+        while True:
+            try:
+                self._compact_file_once()
+            except Exception:  # noqa: BLE001 - the old file stays whole; try next time
+                logger.exception("journal %s: cannot compact the file", self._path)
+            with self._lock:
+                if not self._compact_again or self._closed:
+                    self._compactor = None
+                    return
+                self._compact_again = False
+
+    def _compact_file_once(self) -> None:
+        tmp = self._path + _COMPACTING_SUFFIX
+        with self._lock:
+            if self._closed:
+                return
+            generation = self._file_generation
+            first = self._offsets[0] if self._offsets else self._end
+            copied = self._end
+            source = os.dup(self._fd)
+        try:
+            # A file left behind by an exception here is removed at the next open (a
+            # crash leaves one too) or truncated by the next compaction.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _write_all(fd, _HEADER_BYTES)
+                _copy_range(source, fd, first, copied)
+                self._fsync(fd)
+                if self._test_pause_before_replace > 0:
+                    # Test aid only: lets a fault test SIGKILL the node between writing the
+                    # new journal and swapping it in (see the module docstring).
+                    logger.warning(
+                        "journal %s: compaction paused for tests, %.1f s before the rename (%s=%s)",
+                        self._path,
+                        self._test_pause_before_replace,
+                        TEST_PAUSE_ENV,
+                        os.environ.get(TEST_PAUSE_ENV),
+                    )
+                    time.sleep(self._test_pause_before_replace)
+                with self._lock:
+                    if self._closed or self._file_generation != generation:
+                        os.unlink(tmp)
+                        return
+                    # What was appended meanwhile, then the new file in the old one's place.
+                    _copy_range(source, fd, copied, self._end)
+                    self._fsync(fd)
+                    self._swap_in_compacted(tmp, first)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(source)
+
+    def _swap_in_compacted(self, tmp: str, first: int) -> None:
+        """Holding the lock: rename the synced new file at ``tmp``, which holds the
+        records from file offset ``first`` on, over the journal and use it."""
+        retired = retired_files.replace(tmp, self._path)
+        self._fsync_dir()
+        new_fd = os.open(self._path, os.O_RDWR | os.O_APPEND)
+        os.close(self._fd)
+        self._fd = new_fd
+        retired_files.remove_gradually(retired)
+        shift = first - len(_HEADER_BYTES)
+        self._offsets = [offset - shift for offset in self._offsets]
+        self._end -= shift
+        # All of the new file was synced (without fsync, nothing of it is known to be).
+        self._synced_length = self._end if self._fsync_enabled else 0
+        self._dirty = False
+        self._write_synced_record()
+        self._file_generation += 1
+        logger.debug("journal %s: file compacted, %d bytes dropped", self._path, shift)
 
     def _limit_to_snapshot_on_disk(self, start: int) -> int:
         """How many of the first ``start`` entries the snapshot on disk lets us drop.
@@ -387,7 +524,12 @@ class DurableJournal(pysyncobj.journal.Journal):
             self._rewrite([])
 
     def _destroy(self) -> None:
-        """Sync the log, store the meta if it changed, and close the files."""
+        """Sync the log, store the meta if it changed, and close the files. A compaction
+        of the file under way is given up to ``_CLOSE_WAIT_S`` seconds to finish; after
+        that it gives up (the old file stays whole)."""
+        compactor = self._compactor
+        if compactor is not None and compactor is not threading.current_thread():
+            compactor.join(_CLOSE_WAIT_S)
         with self._lock:
             if self._closed:
                 return
@@ -499,7 +641,7 @@ class DurableJournal(pysyncobj.journal.Journal):
         self._fsync_dir()
 
     def _remove_stale_tmp(self) -> None:
-        for tmp in (self._path + ".tmp", self._path + ".meta.tmp"):
+        for tmp in (self._path + ".tmp", self._path + _COMPACTING_SUFFIX, self._path + ".meta.tmp"):
             if os.path.exists(tmp):
                 # An interrupted rewrite: the file it was meant to replace is still intact.
                 logger.warning(
@@ -619,12 +761,9 @@ class DurableJournal(pysyncobj.journal.Journal):
         )
         self._rewrite(self._entries[pos:])
 
-    def _rewrite(self, entries: list[Entry], *, test_pause: float = 0.0) -> None:
-        """Atomically replace the journal file with one holding exactly ``entries``.
-
-        ``test_pause`` seconds are slept between writing the new file and renaming it (see
-        the test aid in the module docstring).
-        """
+    def _rewrite(self, entries: list[Entry]) -> None:
+        """Atomically replace the journal file with one holding exactly ``entries``."""
+        self._file_generation += 1
         tmp = self._path + ".tmp"
         chunks = [_HEADER_BYTES]
         offsets = []
@@ -641,17 +780,6 @@ class DurableJournal(pysyncobj.journal.Journal):
             self._fsync(fd)
         finally:
             os.close(fd)
-        if test_pause > 0:
-            # Test aid only: lets a fault test SIGKILL the node between writing the new
-            # journal and swapping it in, the riskiest moment of a compaction.
-            logger.warning(
-                "journal %s: compaction paused for tests, %.1f s before the rename (%s=%s)",
-                self._path,
-                test_pause,
-                TEST_PAUSE_ENV,
-                os.environ.get(TEST_PAUSE_ENV),
-            )
-            time.sleep(test_pause)
         # The old journal is freed gradually (see raftchan.retired_files).
         retired = retired_files.replace(tmp, self._path)
         self._fsync_dir()

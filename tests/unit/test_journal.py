@@ -31,6 +31,8 @@ from raftchan.snapshot import read_snapshot, write_snapshot
 Entry = tuple[bytes, int, int]
 HEADER_SIZE = 16
 RECORD_HEADER_SIZE = 24
+#: Bounds each wait for the journal's compaction thread.
+WAIT_TIMEOUT = 10.0
 
 
 def entry(idx: int, term: int = 1) -> Entry:
@@ -293,8 +295,13 @@ def test_delete_entries_to_survives_reopen(
     j.deleteEntriesTo(12)
     assert list(j) == entries(13, 20)
     assert j[0][1] == 13
-    assert j.synced_length == os.path.getsize(jpath)
-    assert not os.path.exists(jpath + ".tmp")
+    assert j.wait_compacted(WAIT_TIMEOUT)
+    assert (
+        j.synced_length
+        == os.path.getsize(jpath)
+        == HEADER_SIZE + sum(RECORD_HEADER_SIZE + len(e[0]) for e in j)
+    )
+    assert not os.path.exists(jpath + ".compacting")
     j.add(*entry(21))
     j.deleteEntriesTo(-2)
     assert list(j) == entries(20, 21)
@@ -361,6 +368,7 @@ def test_delete_entries_to_persists_the_snapshot_before_replacing(
     monkeypatch.setattr(os, "replace", spy_replace)
     monkeypatch.setattr(os, "open", spy_open)
     j.deleteEntriesTo(9)
+    assert j.wait_compacted(WAIT_TIMEOUT)
     # The snapshot's data and rename first, then the new journal's data, its rename, and
     # the directory again to make that rename durable.
     assert calls[0] == "fsync snapshot"
@@ -423,23 +431,26 @@ def test_crash_before_rename_keeps_the_whole_old_journal(
 ) -> None:
     j = DurableJournal(jpath, snapshot_path=spath)
     fill(j, entries(1, 30))
-    # pysyncobj renamed a snapshot anchored at entry 20, then we "crash" inside the trim.
+    # pysyncobj renamed a snapshot anchored at entry 20, then we "crash" inside the trim
+    # (run here in the test's thread instead of the journal's compaction thread).
     write_snapshot(spath, entry(21), entry(20), ["a"], b"")
+    monkeypatch.setattr(j, "_start_compactor", lambda: None)
+    j.deleteEntriesTo(19)
 
     def crash(*args: Any) -> None:
         raise KeyboardInterrupt("simulated kill")
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        j.deleteEntriesTo(19)
+        j._compact_file_once()
     monkeypatch.undo()
-    assert os.path.exists(jpath + ".tmp")
+    assert os.path.exists(jpath + ".compacting")
     # The dead process never closed anything. The restart finds the whole old journal and
     # trims it to the snapshot's anchor itself.
     j2 = DurableJournal(jpath, snapshot_path=spath)
     try:
         assert list(j2) == entries(20, 30)
-        assert not os.path.exists(jpath + ".tmp")
+        assert not os.path.exists(jpath + ".compacting")
     finally:
         j2._destroy()
         os.close(j._fd)
@@ -457,9 +468,11 @@ def test_crash_after_rename_keeps_the_whole_new_journal(
         real_replace(src, dst)
         raise KeyboardInterrupt("simulated kill")
 
+    monkeypatch.setattr(j, "_start_compactor", lambda: None)
+    j.deleteEntriesTo(19)
     monkeypatch.setattr(os, "replace", replace_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        j.deleteEntriesTo(19)
+        j._compact_file_once()
     monkeypatch.undo()
     j2 = DurableJournal(jpath, snapshot_path=spath)
     try:
@@ -864,3 +877,67 @@ def test_real_cluster_keeps_every_command_across_a_full_restart(tmp_path: Path) 
         _wait(lambda: all(n.items[-1:] == [b"after-restart"] for n in nodes), 10, "replication")
     finally:
         _stop(nodes)
+
+
+def _held_compaction(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Hold the compaction thread in its first copy (outside the journal's lock) until the
+    returned event is set."""
+    release = threading.Event()
+    real_copy = journal_mod._copy_range
+    calls = []
+
+    def held_copy(*args: Any) -> None:
+        calls.append(args)
+        if len(calls) == 1:
+            assert release.wait(WAIT_TIMEOUT)
+        real_copy(*args)
+
+    monkeypatch.setattr(journal_mod, "_copy_range", held_copy)
+    return release
+
+
+def test_compaction_rewrites_the_file_off_the_callers_thread_and_keeps_later_appends(
+    jpath: str, spath: str, opened: Callable[..., DurableJournal], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_snapshot(spath, entry(21), entry(20), ["a"], b"")
+    j = opened(jpath, snapshot_path=spath)
+    fill(j, entries(1, 30))
+    j.sync()
+    size_before = os.path.getsize(jpath)
+    release = _held_compaction(monkeypatch)
+    j.deleteEntriesTo(19)  # returns while the file is still being rewritten
+    assert list(j) == entries(20, 30)
+    assert j.log_bytes == sum(RECORD_HEADER_SIZE + len(e[0]) for e in entries(20, 30))
+    fill(j, entries(31, 40))  # appends and syncs go on meanwhile
+    j.sync()
+    assert os.path.getsize(jpath) > size_before
+    release.set()
+    assert j.wait_compacted(WAIT_TIMEOUT)
+    expected = entries(20, 40)
+    assert os.path.getsize(jpath) == HEADER_SIZE + sum(
+        RECORD_HEADER_SIZE + len(e[0]) for e in expected
+    )
+    assert j.synced_length == os.path.getsize(jpath)
+    fill(j, entries(41, 42))
+    j.deleteEntriesFrom(len(j) - 1)  # offsets into the new file are right
+    j._destroy()
+    assert list(opened(jpath, snapshot_path=spath)) == entries(20, 41)
+
+
+def test_a_compaction_gives_up_when_entries_are_cut_meanwhile(
+    jpath: str, spath: str, opened: Callable[..., DurableJournal], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_snapshot(spath, entry(21), entry(20), ["a"], b"")
+    j = opened(jpath, snapshot_path=spath)
+    fill(j, entries(1, 30))
+    j.sync()
+    release = _held_compaction(monkeypatch)
+    j.deleteEntriesTo(19)
+    j.deleteEntriesFrom(5)  # a new leader's log conflicts from entry 25 on
+    fill(j, entries(25, 26, term=2))
+    release.set()
+    assert j.wait_compacted(WAIT_TIMEOUT)
+    assert not os.path.exists(jpath + ".compacting")
+    j._destroy()
+    # The old file stayed whole (with the prefix the snapshot covers, dropped on open).
+    assert list(opened(jpath, snapshot_path=spath)) == entries(20, 24) + entries(25, 26, term=2)
