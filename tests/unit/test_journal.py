@@ -896,15 +896,23 @@ def _held_compaction(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     return release
 
 
-def test_compaction_rewrites_the_file_off_the_callers_thread_and_keeps_later_appends(
+def _compacting_with_the_thread_held(
     jpath: str, spath: str, opened: Callable[..., DurableJournal], monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> tuple[DurableJournal, threading.Event]:
+    """A synced journal of entries 1-30 beside a snapshot anchored at 20, whose next
+    compaction thread is held (see _held_compaction)."""
     write_snapshot(spath, entry(21), entry(20), ["a"], b"")
     j = opened(jpath, snapshot_path=spath)
     fill(j, entries(1, 30))
     j.sync()
+    return j, _held_compaction(monkeypatch)
+
+
+def test_compaction_rewrites_the_file_off_the_callers_thread_and_keeps_later_appends(
+    jpath: str, spath: str, opened: Callable[..., DurableJournal], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    j, release = _compacting_with_the_thread_held(jpath, spath, opened, monkeypatch)
     size_before = os.path.getsize(jpath)
-    release = _held_compaction(monkeypatch)
     j.deleteEntriesTo(19)  # returns while the file is still being rewritten
     assert list(j) == entries(20, 30)
     assert j.log_bytes == sum(RECORD_HEADER_SIZE + len(e[0]) for e in entries(20, 30))
@@ -927,11 +935,7 @@ def test_compaction_rewrites_the_file_off_the_callers_thread_and_keeps_later_app
 def test_a_compaction_gives_up_when_entries_are_cut_meanwhile(
     jpath: str, spath: str, opened: Callable[..., DurableJournal], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    write_snapshot(spath, entry(21), entry(20), ["a"], b"")
-    j = opened(jpath, snapshot_path=spath)
-    fill(j, entries(1, 30))
-    j.sync()
-    release = _held_compaction(monkeypatch)
+    j, release = _compacting_with_the_thread_held(jpath, spath, opened, monkeypatch)
     j.deleteEntriesTo(19)
     j.deleteEntriesFrom(5)  # a new leader's log conflicts from entry 25 on
     fill(j, entries(25, 26, term=2))
