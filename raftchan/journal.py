@@ -40,6 +40,7 @@ never pause.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -140,8 +141,9 @@ class DurableJournal(pysyncobj.journal.Journal):
     - :meth:`add`: the record is written to the file (page cache) but not durable.
     - :meth:`sync` / :meth:`flush`: every entry added so far is durable.
     - :meth:`deleteEntriesFrom`: the shortened file is durable (and so are all entries).
-    - :meth:`deleteEntriesTo` / :meth:`clear`: the snapshot file and its rename, and the
-      new journal holding exactly the remaining entries, are durable.
+    - :meth:`deleteEntriesTo`: the snapshot file and its rename are durable; the entries
+      leave memory, and the file is rewritten without them in the background.
+    - :meth:`clear`: the snapshot file and its rename, and the empty journal, are durable.
     - :meth:`setCurrentTerm`: term, vote and the current commit index are durable.
     - :meth:`setRaftCommitIndex`: memory only; written by :meth:`onOneSecondTimer`.
 
@@ -385,13 +387,15 @@ class DurableJournal(pysyncobj.journal.Journal):
         self._compactor.start()
 
     def wait_compacted(self, timeout: float | None = None) -> bool:
-        """Wait up to ``timeout`` seconds (None: without end) for the file to be rewritten
-        without the entries dropped so far; True when no rewrite is going on any more."""
+        """Wait up to ``timeout`` seconds in all (None: without end) until no rewrite of
+        the file is going on; True then. A rewrite may also have given up (the file was
+        cut or replaced meanwhile, or an error was logged): the old file then stays whole."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             compactor = self._compactor
             if compactor is None:
                 return True
-            compactor.join(timeout)
+            compactor.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
             if compactor.is_alive():
                 return False
             with self._lock:
@@ -399,79 +403,101 @@ class DurableJournal(pysyncobj.journal.Journal):
                     return True
 
     def _compact_file(self) -> None:
-        """The compaction thread: copy the records still in the log to a new file without
-        holding the lock, then, holding it, copy what was appended meanwhile, sync, and
-        rename the new file over the old one. Given up (the old file stays, whole) when the
-        file was rewritten or cut meanwhile, or the journal closed."""
+        """The compaction thread: see :meth:`_compact_file_once`; again while asked to, or
+        while the file changed under it."""
         while True:
+            retry = False
             try:
-                self._compact_file_once()
-            except Exception:  # noqa: BLE001 - the old file stays whole; try next time
+                retry = not self._compact_file_once()
+            except Exception:  # noqa: BLE001 - the old file stays whole; tried again later
                 logger.exception("journal %s: cannot compact the file", self._path)
             with self._lock:
-                if not self._compact_again or self._closed:
+                if self._closed or not (self._compact_again or retry):
                     self._compactor = None
                     return
                 self._compact_again = False
 
-    def _compact_file_once(self) -> None:
+    def _compact_file_once(self) -> bool:
+        """Copy the records still in the log to a new file without holding the lock, then,
+        holding it, copy what was appended meanwhile, sync, and rename the new file over
+        the journal. False when the file was cut or replaced meanwhile (the old one stays
+        whole, and another try is worth it)."""
         tmp = self._path + _COMPACTING_SUFFIX
         with self._lock:
             if self._closed:
-                return
-            generation = self._file_generation
+                return True
             first = self._offsets[0] if self._offsets else self._end
+            if first <= len(_HEADER_BYTES):
+                return True  # nothing dropped since the file was last written
+            generation = self._file_generation
             copied = self._end
             source = os.dup(self._fd)
+        fd = -1
         try:
-            # A file left behind by an exception here is removed at the next open (a
-            # crash leaves one too) or truncated by the next compaction.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            # Opened for appending: once renamed into place, this descriptor is the
+            # journal's. A file left behind by a crash is removed at the next open.
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
             try:
                 _write_all(fd, _HEADER_BYTES)
                 _copy_range(source, fd, first, copied)
                 self._fsync(fd)
-                if self._test_pause_before_replace > 0:
-                    # Test aid only: lets a fault test SIGKILL the node between writing the
-                    # new journal and swapping it in (see the module docstring).
-                    logger.warning(
-                        "journal %s: compaction paused for tests, %.1f s before the rename (%s=%s)",
-                        self._path,
-                        self._test_pause_before_replace,
-                        TEST_PAUSE_ENV,
-                        os.environ.get(TEST_PAUSE_ENV),
-                    )
-                    time.sleep(self._test_pause_before_replace)
+            except OSError:
                 with self._lock:
-                    if self._closed or self._file_generation != generation:
-                        os.unlink(tmp)
-                        return
-                    # What was appended meanwhile, then the new file in the old one's place.
-                    _copy_range(source, fd, copied, self._end)
-                    self._fsync(fd)
-                    self._swap_in_compacted(tmp, first)
-            finally:
-                os.close(fd)
+                    replaced = self._file_generation != generation
+                if not replaced:
+                    raise
+                # The file was rewritten meanwhile (a snapshot installed) and its old copy
+                # freed under the reader: nothing is lost, the new file is in place.
+                _unlink_if_same(tmp, fd)
+                return False
+            if self._test_pause_before_replace > 0:
+                # Test aid only: lets a fault test SIGKILL the node between writing the new
+                # journal and swapping it in (see the module docstring).
+                logger.warning(
+                    "journal %s: compaction paused for tests, %.1f s before the rename (%s=%s)",
+                    self._path,
+                    self._test_pause_before_replace,
+                    TEST_PAUSE_ENV,
+                    os.environ.get(TEST_PAUSE_ENV),
+                )
+                time.sleep(self._test_pause_before_replace)
+            with self._lock:
+                if self._closed or self._file_generation != generation:
+                    _unlink_if_same(tmp, fd)
+                    return self._closed
+                # What was appended meanwhile, then the new file in the old one's place.
+                _copy_range(source, fd, copied, self._end)
+                self._fsync(fd)
+                self._swap_in_compacted(tmp, fd, first)
+                fd = -1  # the journal's now
         finally:
+            if fd >= 0:
+                os.close(fd)
             os.close(source)
+        return True
 
-    def _swap_in_compacted(self, tmp: str, first: int) -> None:
-        """Holding the lock: rename the synced new file at ``tmp``, which holds the
-        records from file offset ``first`` on, over the journal and use it."""
+    def _swap_in_compacted(self, tmp: str, fd: int, first: int) -> None:
+        """Holding the lock: rename the synced new file at ``tmp`` (open as ``fd``), which
+        holds the records from file offset ``first`` on, over the journal and use it."""
+        # If this raises, nothing was renamed: the journal goes on with the old file.
         retired = retired_files.replace(tmp, self._path)
-        self._fsync_dir()
-        new_fd = os.open(self._path, os.O_RDWR | os.O_APPEND)
-        os.close(self._fd)
-        self._fd = new_fd
-        retired_files.remove_gradually(retired)
+        # From here the name is the new file's: every later record must go there.
+        old_fd, self._fd = self._fd, fd
+        os.close(old_fd)
         shift = first - len(_HEADER_BYTES)
         self._offsets = [offset - shift for offset in self._offsets]
         self._end -= shift
+        self._file_generation += 1
         # All of the new file was synced (without fsync, nothing of it is known to be).
         self._synced_length = self._end if self._fsync_enabled else 0
         self._dirty = False
+        if self._fsync_enabled:
+            # Until the rename is durable, a power loss brings back the old file, which
+            # lacks every record appended from now on: a node that went on without it
+            # would acknowledge entries it may lose.
+            _fsync_directory_or_die(self._dir, self._path)
         self._write_synced_record()
-        self._file_generation += 1
+        retired_files.remove_gradually(retired)
         logger.debug("journal %s: file compacted, %d bytes dropped", self._path, shift)
 
     def _limit_to_snapshot_on_disk(self, start: int) -> int:
@@ -975,6 +1001,29 @@ def install_journal_factory() -> None:
             return
         _original_create_journal = current
         pysyncobj.syncobj.createJournal = _create_journal
+
+
+def _unlink_if_same(path: str, fd: int) -> None:
+    """Remove ``path`` if it still is the file open as ``fd`` (not one written since by
+    another journal object on the same path)."""
+    try:
+        named, opened = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return
+    if (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _fsync_directory_or_die(directory: str, path: str) -> None:
+    """fsync a folder after a rename the journal relies on; end the process at once if
+    that fails (see :func:`_fdatasync_or_die`)."""
+    try:
+        fsync_directory(directory)
+    except OSError as exc:
+        logger.critical("journal %s: folder fsync failed (%s); stopping the node", path, exc)
+        logging.shutdown()
+        os._exit(70)
 
 
 def _fdatasync_or_die(fd: int, path: str) -> None:

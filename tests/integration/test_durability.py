@@ -276,9 +276,10 @@ def test_whole_cluster_killed_at_random_moments_under_load(tmp_path: Path) -> No
 
 def test_node_killed_in_the_middle_of_a_compaction_recovers(tmp_path: Path) -> None:
     """A follower is SIGKILLed after its new snapshot is in place and its trimmed journal
-    is written but not yet renamed over the old one (the journal's test pause holds it
-    there). Restarted, it discards the unrenamed file, trims the old journal to the
-    snapshot, and catches up; no acknowledged item is lost."""
+    is written but not yet renamed over the old one (the journal's test pause holds its
+    compaction thread there, while the node goes on appending to the old file).
+    Restarted, it discards the unrenamed file, trims the old journal to the snapshot,
+    and catches up; no acknowledged item is lost."""
     with running_cluster(tmp_path / "cluster", extra_args=COMPACTION_BY_SIZE) as cluster:
         leader = cluster.leader()
         assert leader is not None
@@ -294,7 +295,7 @@ def test_node_killed_in_the_middle_of_a_compaction_recovers(tmp_path: Path) -> N
             writer.start()
             try:
                 wait_for_log(cluster, [victim], PAUSE_LINE, 1, LOG_WAIT_TIMEOUT)
-                # Acknowledgements go on without the paused follower.
+                # Acknowledgements go on (the paused follower's appends too).
                 writer.wait_acked(writer.acked + 40, timeout=FLUSH_TIMEOUT)
                 cluster.kill(victim)
                 cluster.set_node_env(victim, TEST_PAUSE_ENV, None)

@@ -919,17 +919,56 @@ def test_compaction_rewrites_the_file_off_the_callers_thread_and_keeps_later_app
     fill(j, entries(31, 40))  # appends and syncs go on meanwhile
     j.sync()
     assert os.path.getsize(jpath) > size_before
+    fill(j, entries(41, 42))  # not synced yet when the new file is swapped in
     release.set()
     assert j.wait_compacted(WAIT_TIMEOUT)
-    expected = entries(20, 40)
+    expected = entries(20, 42)
     assert os.path.getsize(jpath) == HEADER_SIZE + sum(
         RECORD_HEADER_SIZE + len(e[0]) for e in expected
     )
-    assert j.synced_length == os.path.getsize(jpath)
-    fill(j, entries(41, 42))
+    assert j.synced_length == os.path.getsize(jpath)  # the swap synced 41 and 42 too
     j.deleteEntriesFrom(len(j) - 1)  # offsets into the new file are right
+    j.add(*entry(42, term=2))  # and appends go to the new file
     j._destroy()
-    assert list(opened(jpath, snapshot_path=spath)) == entries(20, 41)
+    assert list(opened(jpath, snapshot_path=spath)) == entries(20, 41) + [entry(42, term=2)]
+
+
+def test_a_compaction_gives_up_quietly_when_the_journal_is_cleared_meanwhile(
+    jpath: str,
+    spath: str,
+    opened: Callable[..., DurableJournal],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    j, release = _compacting_with_the_thread_held(jpath, spath, opened, monkeypatch)
+    j.deleteEntriesTo(19)
+    j.clear()  # a leader's snapshot installed: the file it was copying is freed
+    fill(j, entries(500, 501, term=4))
+    release.set()
+    assert j.wait_compacted(WAIT_TIMEOUT)
+    assert not os.path.exists(jpath + ".compacting")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    j._destroy()
+    assert list(opened(jpath)) == entries(500, 501, term=4)
+
+
+def test_a_compaction_that_cannot_rename_leaves_the_journal_working(
+    jpath: str, spath: str, opened: Callable[..., DurableJournal], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    j, release = _compacting_with_the_thread_held(jpath, spath, opened, monkeypatch)
+    release.set()
+
+    def refuse(src: str, dst: str) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(journal_mod.retired_files, "replace", refuse)
+    j.deleteEntriesTo(19)
+    assert j.wait_compacted(WAIT_TIMEOUT)
+    monkeypatch.undo()
+    fill(j, entries(31, 32))  # into the old file, still the journal's
+    j.sync()
+    j._destroy()
+    assert list(opened(jpath, snapshot_path=spath)) == entries(20, 32)
 
 
 def test_a_compaction_gives_up_when_entries_are_cut_meanwhile(
