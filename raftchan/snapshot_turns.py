@@ -1,13 +1,14 @@
 """Which nodes write a snapshot now: one follower at a time, the leader half as often.
 
-Writing a snapshot rewrites the whole state. While a node does, its process stalls now and
-then (encoding pieces of the state holds the GIL for 7-30 ms, and fsyncs of its disk wait
-behind the write). Every node reached the compaction policy's threshold at the same entry,
-so all of them wrote at once, and an append waited for whichever of them its commit
-needed. Measured on one host (3 nodes, a 300 MB state compacted over and over, one
-producer of 4 KiB appends every 5 ms): p99 22-32 ms with every node compacting at once,
-10-13 ms with the leader holding its snapshot back, 7-8 ms with the followers also taking
-turns; 4.4 ms without compactions.
+Writing a snapshot wrote the whole state (it now writes only the items appended since
+the last one, see raftchan.item_segments, which can still be hundreds of MB). While a
+node does, its process stalls now and then (encoding pieces of the state holds the GIL
+for 7-30 ms, and fsyncs of its disk wait behind the write). Every node reached the
+compaction policy's threshold at the same entry, so all of them wrote at once, and an
+append waited for whichever of them its commit needed. Measured on one host (3 nodes, a
+300 MB state compacted over and over, one producer of 4 KiB appends every 5 ms): p99
+22-32 ms with every node compacting at once, 10-13 ms with the leader holding its
+snapshot back, 7-8 ms with the followers also taking turns; 4.4 ms without compactions.
 
 So the followers write one at a time, and the leader, which every commit needs, half as
 often:
