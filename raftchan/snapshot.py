@@ -278,8 +278,9 @@ _Identity = tuple[int, int, int, int]
 #: file that was verified (see read_snapshot_anchor).
 _verified_anchors: dict[str, tuple[_Identity, Entry]] = {}
 
-#: Segment files verified whole, by path: the identity of the file and its CRC.
-_verified_segments: dict[str, tuple[_Identity, int]] = {}
+#: Segments verified before: the identity of the file that holds them, their offset in
+#: it, size and CRC (see _check_segment).
+_verified_segments: set[tuple[_Identity, int, int, int]] = set()
 
 
 def _identity(st: os.stat_result) -> _Identity:
@@ -309,8 +310,10 @@ def _read_file(path: str | os.PathLike[str], *, load_state: bool) -> tuple[Snaps
         if crc != state_crc:
             raise SnapshotCorrupt(f"snapshot {spath!r}: CRC mismatch in the state")
         if embedded_at is not None:
+            offset = embedded_at
             for segment in segments:
-                _check_segment(f, segment, spath)
+                _check_segment(f, identity, offset, segment, spath)
+                offset += segment.size
     if embedded_at is None:
         directory = os.path.dirname(os.path.abspath(spath))
         for segment in segments:
@@ -323,13 +326,7 @@ def _read_file(path: str | os.PathLike[str], *, load_state: bool) -> tuple[Snaps
                             f"snapshot {spath!r}: segment {segment.name!r} is not "
                             f"{segment.size} bytes"
                         )
-                    # A segment never changes once written: one verified before, the
-                    # same file since, is not read again. Each snapshot writes only new
-                    # items, and reading every earlier segment back each time would
-                    # cost what writing them whole did.
-                    if _verified_segments.get(segment_path) != (seen, segment.crc):
-                        _check_segment(f, segment, spath)
-                        _verified_segments[segment_path] = (seen, segment.crc)
+                    _check_segment(f, seen, 0, segment, spath)
             except FileNotFoundError as exc:
                 # Not "no snapshot" (what FileNotFoundError means to the callers): a
                 # snapshot that lacks a part of its state.
@@ -420,10 +417,24 @@ def _crc_of(f: BinaryIO, length: int, what: str, spath: str) -> int:
     return crc
 
 
-def _check_segment(f: BinaryIO, segment: Segment, spath: str) -> None:
-    """Verify the segment that starts at ``f``'s position."""
+def _check_segment(
+    f: BinaryIO, identity: _Identity, offset: int, segment: Segment, spath: str
+) -> None:
+    """Verify the segment at ``offset`` of ``f`` (a file of that identity).
+
+    A segment never changes once written: one verified before, in the same file since
+    (a rename keeps the identity), is not read again. Each snapshot writes only new
+    items, and reading every earlier segment back each time would cost what writing them
+    whole did; a snapshot received from the leader is verified once on arrival, not
+    again when it is loaded.
+    """
+    key = (identity, offset, segment.size, segment.crc)
+    if key in _verified_segments:
+        return
+    f.seek(offset)
     if _crc_of(f, segment.size, f"segment {segment.name!r}", spath) != segment.crc:
         raise SnapshotCorrupt(f"snapshot {spath!r}: CRC mismatch in segment {segment.name!r}")
+    _verified_segments.add(key)
 
 
 def read_snapshot(path: str | os.PathLike[str]) -> Snapshot:

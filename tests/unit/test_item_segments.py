@@ -276,13 +276,14 @@ def test_earlier_segments_are_not_read_again_to_verify_a_snapshot(
     node.snapshot()
     read_snapshot(node.path)  # the first segment verified once
     checked: list[str] = []
-    check = snapshot_module._check_segment
+    crc_of = snapshot_module._crc_of
 
-    def counting(f: Any, segment: Any, spath: str) -> None:
-        checked.append(segment.name)
-        check(f, segment, spath)
+    def counting(f: Any, length: int, what: str, spath: str) -> int:
+        if what.startswith("segment"):
+            checked.append(what.split("'")[1])
+        return crc_of(f, length, what, spath)
 
-    monkeypatch.setattr(snapshot_module, "_check_segment", counting)
+    monkeypatch.setattr(snapshot_module, "_crc_of", counting)
     node.append("c", b"b" * 1000)
     capture = node.snapshot()
     read_snapshot(node.path)
@@ -295,3 +296,29 @@ def test_earlier_segments_are_not_read_again_to_verify_a_snapshot(
     segment.write_bytes(bytes(damaged))
     with pytest.raises(SnapshotCorrupt):
         read_snapshot(node.path)
+
+
+def test_a_received_snapshot_verified_on_arrival_is_not_checked_again_when_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    leader = _Node(tmp_path / "leader")
+    leader.run(["open", "c", None])
+    leader.append("c", *[os.urandom(1000) for _ in range(20)])
+    leader.snapshot()
+    incoming = tmp_path / "raft.snapshot.incoming"
+    stream = SnapshotStream(leader.path)
+    incoming.write_bytes(b"".join(iter(lambda: stream.read(1 << 16), b"")))
+    read_snapshot(incoming)  # the receiver's check
+    installed = tmp_path / "raft.snapshot"
+    os.replace(incoming, installed)
+    segment_reads: list[str] = []
+    crc_of = snapshot_module._crc_of
+
+    def counting(f: Any, length: int, what: str, spath: str) -> int:
+        if what.startswith("segment"):
+            segment_reads.append(what)
+        return crc_of(f, length, what, spath)
+
+    monkeypatch.setattr(snapshot_module, "_crc_of", counting)
+    _same(leader.loaded(installed), leader.state)
+    assert segment_reads == []
