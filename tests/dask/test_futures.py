@@ -76,8 +76,18 @@ def inc(x: int) -> int:
     return x + 1
 
 
-def _release_on_scheduler(keys: list[str], name: str, dask_scheduler: Any = None) -> None:
-    dask_scheduler.client_releases_keys(keys=keys, client=name)
+def release_behind_the_channels_back(client: distributed.Client, key: str, channel: str) -> None:
+    """Make the channel's pseudo-client stop desiring ``key``, as a restarted scheduler would.
+
+    Sent on ``client``'s own batched stream, after the pin the writer sent there when it
+    appended: the scheduler handles one stream in order. A release sent any other way (an
+    RPC such as ``run_on_scheduler``) can overtake that pin, which still sits in the
+    client's 10 ms send buffer when the leader's confirmation answers a fast flush, and the
+    late pin then keeps the key alive for good.
+    """
+    client._send_to_scheduler(
+        {"op": "client-releases-keys", "keys": [key], "client": pin_name(channel)}
+    )
 
 
 def wait_for(condition: Any, timeout: float, what: str) -> None:
@@ -198,7 +208,7 @@ def test_a_lost_key_raises_future_lost_in_bounded_time(
         chan.append(future)
         chan.flush()
         # The data goes away behind the channel's back, as when the scheduler restarts.
-        dask_client.run_on_scheduler(_release_on_scheduler, [key], pin_name("lost"))
+        release_behind_the_channels_back(dask_client, key, "lost")
         del future
         wait_for(lambda: key not in dask_cluster.scheduler.tasks, LOST_BOUND, "the key to go")
 
