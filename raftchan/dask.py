@@ -66,6 +66,9 @@ STATUS_TIMEOUT = 10.0
 UNKNOWN_GRACE = 5.0
 #: Prefix of the scheduler-side names under which channels keep their keys.
 PIN_PREFIX = "raftchan-"
+#: Statuses of a Dask client whose messages still reach the scheduler (``closing`` is
+#: not one: its key may already be released).
+LIVE_CLIENT_STATUSES = ("newly-created", "connecting", "running")
 
 
 def pin_name(channel: str) -> str:
@@ -152,7 +155,10 @@ class DaskCodec(ItemCodec):
                 continue
             for _key, future in found:
                 client = future.client
-                if client is None or client.status not in ("running", "connecting"):
+                # A client still starting queues its messages (the submission, then the
+                # pin) and sends them in order once connected; worker_client() can hand
+                # one out while another task's thread starts it.
+                if client is None or client.status not in LIVE_CLIENT_STATUSES:
                     raise ItemNotEncodable(
                         f"the Dask client of future {future.key!r} is not running; "
                         "its key may already be released",

@@ -365,3 +365,35 @@ def test_futures_read_on_their_dask_clients_loop_come_back_finished(
     statuses, results = asyncio.run(main())
     assert statuses == ["finished"] * 50
     assert results == list(range(1, 51))
+
+
+def test_a_future_of_a_dask_client_still_starting_is_appended(
+    rc_cluster: LocalCluster, dask_cluster: distributed.LocalCluster
+) -> None:
+    # Inside a task, worker_client() can hand out the client another task's thread is
+    # still starting (it is the default client before it has connected). That client
+    # queues its messages until it connects, the pin after the submission, so its futures
+    # must be accepted, not refused as those of a closed client.
+    import asyncio
+
+    async def main() -> tuple[str, list[Any]]:
+        async with (
+            distributed.Client(
+                dask_cluster.scheduler_address, asynchronous=True, set_as_default=False
+            ) as reader,
+            raftchan.AsyncClient(
+                rc_cluster.addresses, dask_client=reader, timeout=OP_TIMEOUT
+            ) as rc,
+        ):
+            chan = await rc.channel("starting")
+            starting = distributed.Client(
+                dask_cluster.scheduler_address, asynchronous=True, set_as_default=False
+            )
+            status = starting.status
+            chan.append(starting.submit(inc, 41, pure=False))
+            async with starting:
+                await chan.flush()
+                [future] = await chan.data()
+                return status, [await future]
+
+    assert asyncio.run(main()) == ("newly-created", [42])
