@@ -116,9 +116,19 @@ class RetryPolicy:
             ``data``, ``stop``, one poll of an iteration, ...) in seconds, covering every
             reconnect, redirect and retry. An operation given its own ``timeout`` uses
             that instead.
-        attempt_timeout: bounds one connect-and-handshake, and how long the client waits
-            for any single response beyond the poll's own wait. A node that stays silent
-            that long is treated as gone: the connection is dropped and the client moves on.
+        attempt_timeout: how long the client waits for any single response beyond the
+            poll's own wait. A node that stays silent that long is treated as gone: the
+            connection is dropped and the client moves on.
+        connect_timeout: bounds one connect and one handshake when dialling a node (at most
+            ``attempt_timeout``). A node whose host is down or cut off the network never
+            answers a dial; the client tries the next node after this long.
+        probe_after: seconds a connection may stay quiet (nothing received) while
+            requests wait on it before the client pings the node.
+        probe_timeout: how long that ping may go unanswered before the node counts as gone
+            (dropped, its requests re-sent elsewhere), well before ``attempt_timeout``. A
+            node that holds a request (an election, a slow commit) answers pings meanwhile;
+            one whose host lost power or was cut off answers nothing and closes nothing,
+            and is left after ``probe_after + probe_timeout`` seconds.
     """
 
     initial_delay: float = 0.05
@@ -130,6 +140,10 @@ class RetryPolicy:
     jitter: float = 0.2
     timeout: float = 30.0
     attempt_timeout: float = 10.0
+    # An election takes about a second: a client should not be left behind much longer.
+    connect_timeout: float = 2.0
+    probe_after: float = 1.0
+    probe_timeout: float = 2.0
 
     def __post_init__(self) -> None:
         if self.initial_delay < 0 or self.max_delay < 0:
@@ -138,8 +152,20 @@ class RetryPolicy:
             raise ValueError("the retry multiplier must be at least 1")
         if not 0 <= self.jitter <= 1:
             raise ValueError("jitter is a fraction between 0 and 1")
-        if self.timeout <= 0 or self.attempt_timeout <= 0:
+        timeouts = (
+            self.timeout,
+            self.attempt_timeout,
+            self.connect_timeout,
+            self.probe_after,
+            self.probe_timeout,
+        )
+        if min(timeouts) <= 0:
             raise ValueError("timeouts must be positive")
+
+    @property
+    def dial_timeout(self) -> float:
+        """Bounds one connect, and then one handshake, when dialling a node."""
+        return min(self.connect_timeout, self.attempt_timeout)
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (0-based)."""
@@ -251,7 +277,11 @@ class _Link:
             address = self.book.next()
             try:
                 conn = await _Connection.open(
-                    address, self.retry.attempt_timeout, self.max_frame_bytes, self.credentials
+                    address,
+                    self.retry.dial_timeout,
+                    self.max_frame_bytes,
+                    self.credentials,
+                    probe=(self.retry.probe_after, self.retry.probe_timeout),
                 )
             except _FINAL_DIAL_ERRORS as exc:
                 logger.error("%s refused this client: %s", address, exc)
@@ -636,7 +666,10 @@ class _Connection:
 
     One reader task reads the socket and resolves each request's future. A request that
     gets no answer within its response timeout makes the connection count as dead: it is
-    closed and every request on it fails with :class:`_ConnectionLost`.
+    closed and every request on it fails with :class:`_ConnectionLost`. With ``probe``
+    (``(after, timeout)``), a connection where requests wait and nothing was received for
+    ``after`` seconds sends a :class:`~raftchan.protocol.Ping`; one unanswered for
+    ``timeout`` seconds makes the connection count as dead the same way.
     """
 
     def __init__(
@@ -646,6 +679,7 @@ class _Connection:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         decoder: protocol.FrameDecoder,
+        probe: tuple[float, float] | None = None,
     ) -> None:
         self.address = address
         self.node = node
@@ -657,7 +691,14 @@ class _Connection:
         #: The limits the node announced in its hello (empty for a node that did not).
         self.node_limits: dict[str, int] = {}
         self.closed = False
-        self._read_task = asyncio.get_running_loop().create_task(self._read_loop())
+        self._probe = probe
+        self._probe_timer: asyncio.TimerHandle | None = None
+        self._ping: asyncio.Future[dict[str, Any]] | None = None
+        loop = asyncio.get_running_loop()
+        #: When a frame last arrived, or the first of the waiting requests was sent if
+        #: later: the connection is quiet from then on.
+        self._quiet_since = loop.time()
+        self._read_task = loop.create_task(self._read_loop())
 
     @classmethod
     async def open(
@@ -666,9 +707,10 @@ class _Connection:
         timeout: float,
         max_frame_bytes: int,
         credentials: _Credentials,
+        probe: tuple[float, float] | None = None,
     ) -> _Connection:
-        """Connect (with TLS if the credentials hold a context) and handshake within
-        ``timeout`` seconds.
+        """Connect (with TLS if the credentials hold a context) within ``timeout`` seconds,
+        then handshake within ``timeout`` seconds; ``probe``: see the class.
 
         Raises :class:`NodeNotTrusted` if the node's certificate does not verify, and
         :class:`Unauthorized` if the node refuses the token.
@@ -694,7 +736,7 @@ class _Connection:
         except BaseException:
             writer.close()
             raise
-        conn = cls(address, str(hello.get("node", "")), reader, writer, decoder)
+        conn = cls(address, str(hello.get("node", "")), reader, writer, decoder, probe)
         conn.node_limits = protocol.announced_limits(hello)
         # Accept the largest frame the node may send (a read page fills its own limit).
         decoder.max_frame_bytes = max(
@@ -714,9 +756,44 @@ class _Connection:
         request_id = self._next_id
         self._next_id += 1
         timer = loop.call_later(timeout, self._no_answer, request_id, timeout)
+        if not self._pending:
+            self._quiet_since = loop.time()
         self._pending[request_id] = (future, timer)
         self._writer.write(protocol.encode_frame(replace(request, id=request_id).to_wire()))
+        if not isinstance(request, protocol.Ping):
+            self._arm_probe()
         return future
+
+    def _arm_probe(self) -> None:
+        if self._probe is None or self._probe_timer is not None or self._ping is not None:
+            return
+        when = self._quiet_since + self._probe[0]
+        self._probe_timer = asyncio.get_running_loop().call_at(when, self._check_quiet)
+
+    def _check_quiet(self) -> None:
+        """Ping the node if requests wait and nothing came back for the probe's ``after``."""
+        self._probe_timer = None
+        if self.closed or not self._pending or self._probe is None:
+            return
+        after, timeout = self._probe
+        loop = asyncio.get_running_loop()
+        if self._writer.transport.get_write_buffer_size():
+            # Our own bytes still wait to go out (a large batch): a ping would queue behind
+            # them and time out with a live node. Such a connection is left to the
+            # requests' own timeouts; look again later.
+            self._quiet_since = loop.time()
+        if loop.time() - self._quiet_since < after:
+            self._arm_probe()  # something arrived meanwhile
+            return
+        # Unanswered, the ping closes the connection like any other request (_no_answer).
+        self._ping = self.send(protocol.Ping(0), timeout)
+        self._ping.add_done_callback(self._ping_done)
+
+    def _ping_done(self, future: asyncio.Future[dict[str, Any]]) -> None:
+        if self._ping is future:
+            self._ping = None
+        if not self.closed and self._pending:
+            self._arm_probe()
 
     async def drain(self) -> None:
         """Wait while the socket's send buffer is full (back-pressure for the sender)."""
@@ -729,6 +806,9 @@ class _Connection:
         self.closed = True
         failure = error or _ConnectionLost(f"connection to {self.address} was closed")
         pending, self._pending = self._pending, {}
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
+            self._probe_timer = None
         for future, timer in pending.values():
             timer.cancel()
             if not future.done():
@@ -756,6 +836,7 @@ class _Connection:
                 if not data:
                     error = _ConnectionLost(f"{self.address} closed the connection")
                     break
+                self._quiet_since = asyncio.get_running_loop().time()
                 self._decoder.feed(data)
                 for message in self._decoder.messages():
                     self._dispatch(message)

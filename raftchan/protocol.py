@@ -305,6 +305,20 @@ class Status(Request):
 
 
 @dataclass(frozen=True)
+class Ping(Request):
+    """Answered at once by any node, leader or not, without touching the replicated state.
+
+    A client sends it on a connection where its requests wait and nothing has come back
+    for a while, to tell a node that holds them (an election, a slow commit) from one that
+    is gone without closing the connection (its host lost power or was cut off the
+    network). Any answer proves the node is there: a node of an earlier version answers
+    with an unknown-type error.
+    """
+
+    TYPE: ClassVar[str] = "ping"
+
+
+@dataclass(frozen=True)
 class Fault(Request):
     """Test aid: drop this node's Raft traffic to the peers whose Raft addresses are listed.
 
@@ -357,6 +371,7 @@ REQUEST_TYPES: dict[str, type[Request]] = {
         Delete,
         EndSession,
         Status,
+        Ping,
         Fault,
         MemberList,
         MemberAdd,

@@ -418,6 +418,8 @@ class NodeServer:
 
     async def _dispatch(self, request: protocol.Request) -> dict[str, Any]:
         rid = request.id
+        if isinstance(request, protocol.Ping):
+            return protocol.ok_response(rid)
         if isinstance(request, protocol.Status):
             keeper = {} if self.keeper is None else self.keeper.status()
             return protocol.ok_response(

@@ -437,6 +437,14 @@ def test_unknown_request_type_is_invalid_request(
     assert_node_serves(cluster, leader, kept)
 
 
+def test_every_node_answers_a_ping_leader_or_not(cluster: LocalCluster, raw: Connect) -> None:
+    """Clients ping a quiet connection to tell a node holding their request from a gone
+    one; leader and followers answer at once, with nothing but ok and the id."""
+    for address in cluster.client_addresses:
+        answer = raw(address).request({"type": "ping"})  # under a fresh id, checked
+        assert answer.get("ok") is True and set(answer) == {"id", "ok"}, (address, answer)
+
+
 def _append(**overrides: Any) -> dict[str, Any]:
     """A valid append to KEPT, with some fields replaced."""
     request = {

@@ -261,6 +261,28 @@ def test_an_iteration_on_a_cut_off_follower_moves_on_and_sees_the_stop(tmp_path:
         local.close()
 
 
+def test_appends_move_off_a_hung_leader_long_before_the_attempt_timeout(
+    cluster: LocalCluster,
+) -> None:
+    # A stopped process keeps its sockets open and answers nothing: to its clients that
+    # is what a node whose host lost power or was cut off the network looks like. The
+    # flush's deadline comes long before the attempt timeout, so only the client's ping
+    # of the quiet connection can take it to the new leader in time.
+    retry = raftchan.RetryPolicy(timeout=OP_TIMEOUT / 2, attempt_timeout=OP_TIMEOUT * 2)
+    with raftchan.Client(cluster.addresses, retry=retry) as client:
+        chan = client.channel("hung")
+        chan.put("before")  # the client now talks to the leader
+        old = cluster.wait_leader(timeout=OP_TIMEOUT)
+        cluster.pause(old)
+        try:
+            chan.append("after")
+            chan.flush()
+            assert list(chan.data) == ["before", "after"]
+            assert cluster.wait_leader(timeout=OP_TIMEOUT) != old
+        finally:
+            cluster.resume(old)
+
+
 def test_a_client_fits_its_batches_to_a_node_with_smaller_limits(tmp_path: Path) -> None:
     """Limits are node flags: a client with the default 4 MiB frames must not keep
     sending frames that a node allowing 64 KiB can only refuse."""

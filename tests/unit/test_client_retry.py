@@ -68,6 +68,9 @@ def test_a_long_outage_does_not_overflow() -> None:
         {"jitter": 1.5},
         {"timeout": 0.0},
         {"attempt_timeout": -2.0},
+        {"connect_timeout": 0.0},
+        {"probe_after": -1.0},
+        {"probe_timeout": 0.0},
     ],
 )
 def test_policy_rejects_nonsense(kwargs: dict[str, float]) -> None:
@@ -332,7 +335,10 @@ class FakeNode:
     ``"drop_before"`` closes the connection without applying, ``"drop_after"`` applies
     then closes without answering, ``"unknown_after"`` applies then answers
     ``commit_unknown``, ``"silent"`` neither applies nor answers, ``"refuse"`` answers
-    ``limit_exceeded`` at the request level (the state never sees it).
+    ``limit_exceeded`` at the request level (the state never sees it), ``"hold"`` keeps
+    the request unanswered until :meth:`release_held`. ``muted``: the
+    node reads every request and answers none, pings and polls included, closing
+    nothing (its host lost power or was cut off the network).
     """
 
     def __init__(self, name: str, state: ChannelState, *, leader: bool = True) -> None:
@@ -342,6 +348,8 @@ class FakeNode:
         self.hint: str | None = None
         self.no_leader_answers = 0
         self.append_faults: list[str] = []
+        self.muted = False
+        self._held: list[tuple[protocol.Request, asyncio.StreamWriter]] = []
         self.max_read_items = 10_000
         self.before: Callable[[protocol.Request], None] | None = None
         self.requests: list[protocol.Request] = []
@@ -367,6 +375,13 @@ class FakeNode:
         for writer in list(self._writers):
             writer.close()
 
+    def release_held(self) -> None:
+        """Answer the requests held so far, on the connections they came on."""
+        held, self._held = self._held, []
+        for request, writer in held:
+            if not writer.is_closing():
+                self._answer(request, writer)
+
     def appends(self) -> list[protocol.Append]:
         return [r for r in self.requests if isinstance(r, protocol.Append)]
 
@@ -386,6 +401,8 @@ class FakeNode:
                         continue
                     request = protocol.parse_request(message)
                     self.requests.append(request)
+                    if self.muted:
+                        continue
                     if isinstance(request, protocol.Poll):
                         asyncio.create_task(self._answer_poll(request, writer))
                     else:
@@ -402,6 +419,9 @@ class FakeNode:
         fault = ""
         if isinstance(request, protocol.Append) and self.append_faults:
             fault = self.append_faults.pop(0)
+        if fault == "hold":
+            self._held.append((request, writer))
+            return
         if fault in ("drop_before", "silent"):
             if fault == "drop_before":
                 writer.close()
@@ -420,6 +440,8 @@ class FakeNode:
         writer.write(protocol.encode_frame(response))
 
     def _execute(self, request: protocol.Request) -> dict[str, Any]:
+        if isinstance(request, protocol.Ping):
+            return {}
         if isinstance(request, protocol.Status):
             return {"name": self.name, "role": "leader" if self.leader else "follower"}
         if request.TYPE in _LEADER_ONLY:
@@ -608,6 +630,61 @@ def test_a_silent_node_makes_flush_time_out_and_the_items_stay_queued() -> None:
             # The attempt timeout drops the silent connection and the item is re-sent.
             await chan.flush(timeout=5.0)
             assert await chan.read() == ["x"]
+
+    run(scenario)
+
+
+#: Pings after 0.2 s of quiet, answered within 0.3 s; the attempt timeout is far away.
+PROBING = RetryPolicy(
+    initial_delay=0.005,
+    max_delay=0.05,
+    jitter=0.0,
+    timeout=5.0,
+    attempt_timeout=60.0,
+    probe_after=0.2,
+    probe_timeout=0.3,
+)
+
+
+def test_a_node_gone_quiet_is_left_once_its_ping_goes_unanswered() -> None:
+    # A leader cut off the network answers nothing and closes nothing. Only the ping can
+    # tell: the flush's own deadline (5 s) comes long before the attempt timeout (60 s).
+    async def scenario() -> None:
+        old, new = await _nodes(True, False)
+        async with AsyncClient([old.address, new.address], retry=PROBING) as client:
+            chan = await client.channel("c")
+            chan.append("before")
+            await chan.flush()
+            old.muted = True
+            old.leader, new.leader = False, True
+            chan.append("after")
+            await chan.flush(timeout=5.0)
+            assert _stored(new, "c") == ["before", "after"]
+        pings = [r for r in old.requests if isinstance(r, protocol.Ping)]
+        assert len(pings) == 1
+
+    run(scenario)
+
+
+def test_a_node_holding_a_request_is_pinged_and_kept() -> None:
+    # A live node that holds an append (an election, a slow commit) answers the pings
+    # meanwhile: the client keeps its connection and gets the answer when it comes.
+    async def scenario() -> None:
+        (node,) = await _nodes(True)
+        async with AsyncClient(node.address, retry=PROBING) as client:
+            chan = await client.channel("c")
+            node.append_faults = ["hold"]
+            chan.append("held")
+            flush = asyncio.ensure_future(chan.flush(timeout=5.0))
+            await asyncio.sleep(1.0)
+            assert not flush.done()
+            pings = [r for r in node.requests if isinstance(r, protocol.Ping)]
+            assert len(pings) >= 3  # one per 0.2 s of quiet, each answered
+            assert node.connections == 1
+            node.release_held()
+            await flush
+            assert node.connections == 1
+            assert await chan.read() == ["held"]
 
     run(scenario)
 
