@@ -212,9 +212,7 @@ class _Iterator(threading.Thread):
             self.join(5.0)
         else:
             self._client.close(timeout=1.0)
-        self.recorder.record_iteration(
-            self.process, self.channel, 0, list(self.items), self.ended
-        )
+        self.recorder.record_iteration(self.process, self.channel, 0, list(self.items), self.ended)
 
 
 def stop_channels(cluster: LocalCluster, channels: Sequence[str], timeout: float) -> None:
