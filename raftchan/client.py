@@ -31,6 +31,7 @@ import logging
 import os
 import random
 import ssl
+import sys
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -62,6 +63,14 @@ from raftchan.errors import (
 from raftchan.limits import DEFAULT_LIMITS, Limits
 from raftchan.protocol import ChannelInfo, ReadResult
 from raftchan.security import ClientTLS, client_ssl_context, resolve_token
+
+try:  # Linux and other Unix: how much of a socket's output its peer has not acknowledged
+    import fcntl
+    import termios
+
+    _SEND_QUEUE_IOCTL: int | None = termios.TIOCOUTQ
+except (ImportError, AttributeError):  # elsewhere only asyncio's own buffer is counted
+    _SEND_QUEUE_IOCTL = None
 
 __all__ = ["AsyncChannel", "AsyncClient", "Backoff", "RetryPolicy"]
 
@@ -119,16 +128,20 @@ class RetryPolicy:
         attempt_timeout: how long the client waits for any single response beyond the
             poll's own wait. A node that stays silent that long is treated as gone: the
             connection is dropped and the client moves on.
-        connect_timeout: bounds one connect and one handshake when dialling a node (at most
+        connect_timeout: bounds one dial of a node, connect and handshake together (at most
             ``attempt_timeout``). A node whose host is down or cut off the network never
             answers a dial; the client tries the next node after this long.
         probe_after: seconds a connection may stay quiet (nothing received) while
             requests wait on it before the client pings the node.
-        probe_timeout: how long that ping may go unanswered before the node counts as gone
-            (dropped, its requests re-sent elsewhere), well before ``attempt_timeout``. A
-            node that holds a request (an election, a slow commit) answers pings meanwhile;
-            one whose host lost power or was cut off answers nothing and closes nothing,
-            and is left after ``probe_after + probe_timeout`` seconds.
+        probe_timeout: how long the node may then show no sign of itself (no answer to the
+            ping, no frame, none of the client's bytes taken beyond the ping) before it
+            counts as gone: the connection is dropped and its requests are re-sent to
+            another node, well before ``attempt_timeout``. A node that holds a request (an
+            election, a slow commit) answers pings meanwhile; one whose host lost power or
+            was cut off answers nothing and closes nothing, and is left after
+            ``probe_after + probe_timeout`` seconds. No ping is sent on a connection with
+            as many requests waiting as the node reads at once (its announced
+            ``max_pending_requests``); there only ``attempt_timeout`` applies.
     """
 
     initial_delay: float = 0.05
@@ -164,7 +177,7 @@ class RetryPolicy:
 
     @property
     def dial_timeout(self) -> float:
-        """Bounds one connect, and then one handshake, when dialling a node."""
+        """Bounds one dial of a node, connect and handshake together."""
         return min(self.connect_timeout, self.attempt_timeout)
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
@@ -210,6 +223,11 @@ class _AddressBook:
     def hint(self, leader: str | None) -> None:
         """Dial ``leader`` next (a node's ``not_leader`` answer named it)."""
         self._hint = leader
+
+    def step_past(self, address: str) -> None:
+        """Do not dial ``address`` next (it just closed or went quiet) unless it is hinted."""
+        if self.addresses[self._cursor % len(self.addresses)] == address:
+            self._cursor += 1
 
     def next(self) -> str:
         if self._hint is not None:
@@ -300,6 +318,7 @@ class _Link:
         """Stop using ``conn`` (wrong node, or broken); dial ``hint`` next if known."""
         if self.conn is conn:
             self.book.hint(hint)
+            self.book.step_past(conn.address)
             self.conn = None
             conn.close()
 
@@ -687,17 +706,24 @@ class _Connection:
         self._writer = writer
         self._decoder = decoder
         self._next_id = 1
-        self._pending: dict[int, tuple[asyncio.Future[dict[str, Any]], asyncio.TimerHandle]] = {}
+        self._pending: dict[
+            int, tuple[asyncio.Future[dict[str, Any]], asyncio.TimerHandle | None]
+        ] = {}
         #: The limits the node announced in its hello (empty for a node that did not).
         self.node_limits: dict[str, int] = {}
         self.closed = False
         self._probe = probe
         self._probe_timer: asyncio.TimerHandle | None = None
-        self._ping: asyncio.Future[dict[str, Any]] | None = None
         loop = asyncio.get_running_loop()
         #: When a frame last arrived, or the first of the waiting requests was sent if
         #: later: the connection is quiet from then on.
         self._quiet_since = loop.time()
+        #: Bytes of frames handed to the transport, ever (see _delivered).
+        self._written = 0
+        #: The ping out, if any: its id, when it was sent, and _delivered() with it.
+        self._ping_id: int | None = None
+        self._ping_sent_at = 0.0
+        self._ping_delivered = 0
         self._read_task = loop.create_task(self._read_loop())
 
     @classmethod
@@ -709,14 +735,15 @@ class _Connection:
         credentials: _Credentials,
         probe: tuple[float, float] | None = None,
     ) -> _Connection:
-        """Connect (with TLS if the credentials hold a context) within ``timeout`` seconds,
-        then handshake within ``timeout`` seconds; ``probe``: see the class.
+        """Connect (with TLS if the credentials hold a context) and handshake, both within
+        ``timeout`` seconds; ``probe``: see the class.
 
         Raises :class:`NodeNotTrusted` if the node's certificate does not verify, and
         :class:`Unauthorized` if the node refuses the token.
         """
         host, port = split_address(address)
         tls = credentials.ssl
+        deadline = asyncio.get_running_loop().time() + timeout
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(
@@ -729,7 +756,7 @@ class _Connection:
         decoder = protocol.FrameDecoder(max_frame_bytes)
         try:
             writer.write(protocol.encode_frame(protocol.hello_request(credentials.token)))
-            hello = await asyncio.wait_for(_read_message(reader, decoder), timeout)
+            hello = await asyncio.wait_for(_read_message(reader, decoder), _remaining(deadline))
             if "ok" in hello:  # the node answered the hello with an error response
                 raise protocol.response_error(hello) or ProtocolError("unexpected hello answer")
             protocol.check_hello(hello)
@@ -744,8 +771,14 @@ class _Connection:
         )
         return conn
 
-    def send(self, request: protocol.Request, timeout: float) -> asyncio.Future[dict[str, Any]]:
-        """Send ``request`` (its id is assigned here); the future gets the response map."""
+    def send(
+        self, request: protocol.Request, timeout: float | None
+    ) -> asyncio.Future[dict[str, Any]]:
+        """Send ``request`` (its id is assigned here); the future gets the response map.
+
+        ``timeout``: seconds without its answer after which the connection counts as dead
+        (``None``: no bound of its own).
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
         # Callers may stop waiting (deadline); the failure must not be logged as unretrieved.
@@ -755,45 +788,18 @@ class _Connection:
             return future
         request_id = self._next_id
         self._next_id += 1
-        timer = loop.call_later(timeout, self._no_answer, request_id, timeout)
+        timer = None
+        if timeout is not None:
+            timer = loop.call_later(timeout, self._no_answer, request_id, timeout)
         if not self._pending:
             self._quiet_since = loop.time()
         self._pending[request_id] = (future, timer)
-        self._writer.write(protocol.encode_frame(replace(request, id=request_id).to_wire()))
-        if not isinstance(request, protocol.Ping):
-            self._arm_probe()
+        frame = protocol.encode_frame(replace(request, id=request_id).to_wire())
+        self._written += len(frame)
+        self._writer.write(frame)
+        if self._probe is not None and not isinstance(request, protocol.Ping):
+            self._arm_probe(self._quiet_since + self._probe[0])
         return future
-
-    def _arm_probe(self) -> None:
-        if self._probe is None or self._probe_timer is not None or self._ping is not None:
-            return
-        when = self._quiet_since + self._probe[0]
-        self._probe_timer = asyncio.get_running_loop().call_at(when, self._check_quiet)
-
-    def _check_quiet(self) -> None:
-        """Ping the node if requests wait and nothing came back for the probe's ``after``."""
-        self._probe_timer = None
-        if self.closed or not self._pending or self._probe is None:
-            return
-        after, timeout = self._probe
-        loop = asyncio.get_running_loop()
-        if self._writer.transport.get_write_buffer_size():
-            # Our own bytes still wait to go out (a large batch): a ping would queue behind
-            # them and time out with a live node. Such a connection is left to the
-            # requests' own timeouts; look again later.
-            self._quiet_since = loop.time()
-        if loop.time() - self._quiet_since < after:
-            self._arm_probe()  # something arrived meanwhile
-            return
-        # Unanswered, the ping closes the connection like any other request (_no_answer).
-        self._ping = self.send(protocol.Ping(0), timeout)
-        self._ping.add_done_callback(self._ping_done)
-
-    def _ping_done(self, future: asyncio.Future[dict[str, Any]]) -> None:
-        if self._ping is future:
-            self._ping = None
-        if not self.closed and self._pending:
-            self._arm_probe()
 
     async def drain(self) -> None:
         """Wait while the socket's send buffer is full (back-pressure for the sender)."""
@@ -810,16 +816,109 @@ class _Connection:
             self._probe_timer.cancel()
             self._probe_timer = None
         for future, timer in pending.values():
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             if not future.done():
                 future.set_exception(failure)
-        self._writer.close()
+        if self._writer.transport.get_write_buffer_size():
+            # What waits to go out cannot reach a node that is gone, and a plain close
+            # would wait for it (the sender's drain() with it): every request on the
+            # connection has failed above and is re-sent elsewhere.
+            self._writer.transport.abort()
+        else:
+            self._writer.close()
         if self._read_task is not asyncio.current_task():
             self._read_task.cancel()
 
     async def wait_closed(self) -> None:
         with contextlib.suppress(BaseException):
             await self._read_task
+
+    # -- telling a node that holds our requests from one that is gone --------------------
+
+    def _arm_probe(self, when: float) -> None:
+        if self._probe_timer is None and not self.closed:
+            self._probe_timer = asyncio.get_running_loop().call_at(when, self._check_quiet)
+
+    def _check_quiet(self) -> None:
+        """Ping the node once requests have waited ``after`` seconds on a quiet connection;
+        count it as gone if the ping then shows no sign of it for ``timeout`` seconds."""
+        self._probe_timer = None
+        if self.closed or self._probe is None:
+            return
+        after, timeout = self._probe
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._ping_id is not None:
+            if not self._heard_since_ping():
+                if now < self._ping_sent_at + timeout:
+                    self._arm_probe(self._ping_sent_at + timeout)
+                else:
+                    # An answer read in this turn of the loop is handled only in the next
+                    # one (after a stall of the loop, say): decide after it.
+                    loop.call_soon(self._leave_if_gone, timeout)
+                return
+            self._forget_ping()
+        if not self._pending:
+            return  # the next request arms the probe again
+        if now < self._quiet_since + after:
+            self._arm_probe(self._quiet_since + after)
+            return
+        limit = self.node_limits.get("max_pending_requests")
+        if limit is not None and len(self._pending) >= limit:
+            # The node reads nothing more of this connection until it answers one of
+            # them: a ping would wait unread. Such a connection is left to the requests'
+            # own timeouts.
+            self._arm_probe(now + after)
+            return
+        delivered, written = self._delivered(), self._written
+        self._ping_sent_at = now
+        self._ping_id = self._next_id
+        self.send(protocol.Ping(0), None)
+        # The ping's own bytes taken by the node's host prove nothing: a stopped process's
+        # kernel still acknowledges them.
+        self._ping_delivered = delivered + (self._written - written)
+        self._arm_probe(now + timeout)
+
+    def _heard_since_ping(self) -> bool:
+        """Whether the node showed itself since the ping went out: it answered it or sent
+        anything, or its host acknowledged bytes of ours beyond the ping (a large upload
+        on a slow link still moving)."""
+        if self._ping_id not in self._pending or self._quiet_since > self._ping_sent_at:
+            return True
+        return self._delivered() > self._ping_delivered
+
+    def _leave_if_gone(self, timeout: float) -> None:
+        if self.closed or self._ping_id is None:
+            return
+        if self._heard_since_ping():
+            self._check_quiet()
+            return
+        logger.info(
+            "%s went quiet: no answer to a ping within %.1fs; dropping the connection",
+            self.address,
+            timeout,
+        )
+        self.close(_ConnectionLost(f"{self.address} did not answer a ping within {timeout:.1f}s"))
+
+    def _forget_ping(self) -> None:
+        entry = self._pending.pop(self._ping_id, None) if self._ping_id is not None else None
+        self._ping_id = None
+        if entry is not None:  # unanswered, but the node showed itself: a late answer is ignored
+            entry[0].cancel()
+
+    def _delivered(self) -> int:
+        """Bytes of ours the node's host has taken: all we wrote, less what still waits in
+        asyncio's buffer and (on Linux) in the socket's send queue, unsent or unacknowledged.
+        """
+        transport = self._writer.transport
+        waiting = transport.get_write_buffer_size()
+        sock = transport.get_extra_info("socket")
+        if sock is not None and _SEND_QUEUE_IOCTL is not None:
+            with contextlib.suppress(OSError, ValueError):
+                queued = fcntl.ioctl(sock.fileno(), _SEND_QUEUE_IOCTL, b"\0\0\0\0")
+                waiting += int.from_bytes(queued, sys.byteorder, signed=True)
+        return self._written - waiting
 
     def _no_answer(self, request_id: int, timeout: float) -> None:
         if request_id in self._pending:
@@ -858,7 +957,8 @@ class _Connection:
                 raise protocol.response_error(message) or ProtocolError("bad error frame")
             return  # the answer to a request we stopped waiting for
         future, timer = entry
-        timer.cancel()
+        if timer is not None:
+            timer.cancel()
         if not future.done():
             future.set_result(message)
 

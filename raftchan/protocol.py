@@ -41,6 +41,7 @@ stop            channel                                     ChannelInfo fields
 delete          channel                                     (none)
 end_session     session                                     (none)
 status          (none)                                      NodeStatus fields
+ping            (none)                                      (none)
 member_list     (none)                                      members, leader, change_pending
 member_add      address, client_address, name               members
 member_remove   address                                     members
@@ -50,8 +51,8 @@ member_remove   address                                     members
 served by the leader only (others answer ``not_leader`` with the leader's client address
 when known), as are the ``member_*`` requests. ``info``, ``read`` and ``member_list`` are
 linearizable; ``member_add`` and ``member_remove`` answer once the change is committed.
-``poll`` and ``status`` are served by any node; ``poll`` waits until the node has applied
-at least ``min_position`` so that a reader moving between nodes never goes back.
+``poll``, ``status`` and ``ping`` are served by any node; ``poll`` waits until the node has
+applied at least ``min_position`` so that a reader moving between nodes never goes back.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def hello_response(node_name: str, limits: Any = None) -> dict[str, Any]:
 
 
 #: The limits a node announces in its hello.
-ANNOUNCED_LIMITS = ("max_frame_bytes", "max_item_bytes", "max_batch_items")
+ANNOUNCED_LIMITS = ("max_frame_bytes", "max_item_bytes", "max_batch_items", "max_pending_requests")
 
 
 def announced_limits(hello: dict[str, Any]) -> dict[str, int]:
@@ -306,7 +307,9 @@ class Status(Request):
 
 @dataclass(frozen=True)
 class Ping(Request):
-    """Answered at once by any node, leader or not, without touching the replicated state.
+    """Answered by any node, leader or not, as soon as it reads it, without touching the
+    replicated state (a node that has ``max_pending_requests`` requests of the connection
+    in hand reads no further until it answers one).
 
     A client sends it on a connection where its requests wait and nothing has come back
     for a while, to tell a node that holds them (an election, a slow commit) from one that

@@ -12,7 +12,9 @@ run real nodes.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -36,6 +38,7 @@ from raftchan.errors import (
     TrimmedGap,
     error_from_wire,
 )
+from raftchan.limits import Limits
 from raftchan.state import ChannelState, encode_command
 
 # ---------------------------------------------------------------------------------------
@@ -349,6 +352,15 @@ class FakeNode:
         self.no_leader_answers = 0
         self.append_faults: list[str] = []
         self.muted = False
+        #: Limits announced in the hello (None: none, as nodes of early versions).
+        self.limits: Limits | None = None
+        #: Seconds to wait after each read of at most 64 KiB (a slow link), and the
+        #: receive buffer to give accepted sockets (bytes; None: the system's).
+        self.read_pause = 0.0
+        self.receive_buffer: int | None = None
+        #: True: after its next read the node reads nothing more until this is cleared
+        #: (a stopped process whose kernel buffers fill up).
+        self.stalled = False
         self._held: list[tuple[protocol.Request, asyncio.StreamWriter]] = []
         self.max_read_items = 10_000
         self.before: Callable[[protocol.Request], None] | None = None
@@ -360,11 +372,15 @@ class FakeNode:
 
     async def start(self) -> FakeNode:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        if self.receive_buffer is not None:  # accepted sockets inherit it
+            for listening in self._server.sockets:
+                listening.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
         port = self._server.sockets[0].getsockname()[1]
         self.address = f"127.0.0.1:{port}"
         return self
 
     async def close(self) -> None:
+        self.stalled = False
         self.drop_connections()
         if self._server is not None:
             self._server.close()
@@ -392,11 +408,16 @@ class FakeNode:
         greeted = False
         try:
             while data := await reader.read(2**16):
+                if self.read_pause:
+                    await asyncio.sleep(self.read_pause)
+                while self.stalled:
+                    await asyncio.sleep(0.01)
                 decoder.feed(data)
                 for message in decoder.messages():
                     if not greeted:
                         protocol.check_hello(message)
-                        writer.write(protocol.encode_frame(protocol.hello_response(self.name)))
+                        hello = protocol.hello_response(self.name, self.limits)
+                        writer.write(protocol.encode_frame(hello))
                         greeted = True
                         continue
                     request = protocol.parse_request(message)
@@ -685,6 +706,79 @@ def test_a_node_holding_a_request_is_pinged_and_kept() -> None:
             await flush
             assert node.connections == 1
             assert await chan.read() == ["held"]
+
+    run(scenario)
+
+
+async def _node(
+    name: str, state: ChannelState, *, leader: bool = True, **settings: Any
+) -> FakeNode:
+    """A fake node with ``settings`` (attributes) applied before it starts listening."""
+    node = FakeNode(name, state, leader=leader)
+    for attribute, value in settings.items():
+        setattr(node, attribute, value)
+    _live_nodes.append(node)
+    return await node.start()
+
+
+def test_no_ping_goes_to_a_node_that_reads_no_more_of_the_connection() -> None:
+    # A node holding max_pending_requests requests of a connection reads no more of it
+    # until it answers one (it announces that bound): a ping would wait unread, and the
+    # client would leave a live node. At the bound the client does not ping.
+    async def scenario() -> None:
+        node = await _node("n0", ChannelState(), limits=Limits(max_pending_requests=2))
+        async with AsyncClient(node.address, retry=PROBING) as client:
+            chan = await client.channel("c")
+            node.append_faults = ["hold", "hold"]
+            for item in ("a", "b"):  # two append requests, both held
+                chan.append(item)
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)
+            assert len(node.appends()) == 2
+            assert not [r for r in node.requests if isinstance(r, protocol.Ping)]
+            node.release_held()
+            await chan.flush(timeout=5.0)
+            assert node.connections == 1
+            assert await chan.read() == ["a", "b"]
+
+    run(scenario)
+
+
+def test_a_large_upload_still_moving_on_a_slow_link_keeps_its_connection() -> None:
+    # The node takes 64 KiB every 50 ms through a small receive buffer: a 2.7 MB batch
+    # takes about two seconds to arrive, and the ping queued behind it is answered only
+    # then. The client's bytes the node's host keeps taking show it is there.
+    async def scenario() -> None:
+        node = await _node("slow", ChannelState(), read_pause=0.05, receive_buffer=64 * 1024)
+        async with AsyncClient(node.address, retry=PROBING) as client:
+            chan = await client.channel("c")
+            chan.extend([os.urandom(900_000) for _ in range(3)])
+            await chan.flush(timeout=20.0)
+            assert node.connections == 1
+            assert len(node.appends()) == 1
+            assert len(await chan.read()) == 3
+
+    run(scenario)
+
+
+def test_a_node_that_stops_reading_mid_upload_is_left_and_the_batch_goes_elsewhere() -> None:
+    # The leader stops (its process hangs) while 21.6 MB of batches are on their way: its
+    # buffers fill, the client's bytes stop moving and the ping is never read. The client
+    # must leave it although its own bytes still wait to go out, and a plain close would
+    # wait for them: the batches must reach the new leader, long before the attempt
+    # timeout.
+    async def scenario() -> None:
+        state = ChannelState()
+        old = await _node("old", state, receive_buffer=64 * 1024)
+        new = await _node("new", state, leader=False)
+        async with AsyncClient([old.address, new.address], retry=PROBING) as client:
+            chan = await client.channel("c")
+            old.stalled = True
+            old.leader, new.leader = False, True
+            # More than the kernel's buffers of both ends hold: some stays in asyncio's.
+            chan.extend([os.urandom(900_000) for _ in range(24)])
+            await chan.flush(timeout=10.0)
+            assert len(_stored(new, "c")) == 24
 
     run(scenario)
 
