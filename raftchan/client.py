@@ -848,7 +848,9 @@ class _Connection:
             return
         after, timeout = self._probe
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        # A millisecond of slack keeps a timer that fires a hair early from re-arming for
+        # the same instant (as _FlushWaiters does).
+        now = loop.time() + 0.001
         if self._ping_id is not None:
             if not self._heard_since_ping():
                 if now < self._ping_sent_at + timeout:
@@ -872,13 +874,13 @@ class _Connection:
             self._arm_probe(now + after)
             return
         delivered, written = self._delivered(), self._written
-        self._ping_sent_at = now
+        self._ping_sent_at = loop.time()
         self._ping_id = self._next_id
         self.send(protocol.Ping(0), None)
         # The ping's own bytes taken by the node's host prove nothing: a stopped process's
         # kernel still acknowledges them.
         self._ping_delivered = delivered + (self._written - written)
-        self._arm_probe(now + timeout)
+        self._arm_probe(self._ping_sent_at + timeout)
 
     def _heard_since_ping(self) -> bool:
         """Whether the node showed itself since the ping went out: it answered it or sent
