@@ -128,6 +128,17 @@ def test_a_leader_hint_is_dialled_next_once() -> None:
     assert after != before  # rotation continues where it was
 
 
+def test_a_node_just_left_is_not_dialled_next_unless_hinted() -> None:
+    book = _AddressBook(["a", "b", "c"])
+    book.step_past("a")  # "a" was next: its connection just closed or went quiet
+    assert book.next() == "b"
+    book.step_past("b")  # not next any more: nothing to skip
+    assert [book.next() for _ in range(3)] == ["c", "a", "b"]
+    book.step_past("c")
+    book.hint("c")  # named by a node as the leader: dialled all the same
+    assert book.next() == "c"
+
+
 # ---------------------------------------------------------------------------------------
 # The outbox: batching, answers, re-sends
 
