@@ -820,10 +820,11 @@ class _Connection:
                 timer.cancel()
             if not future.done():
                 future.set_exception(failure)
-        if self._writer.transport.get_write_buffer_size():
+        if isinstance(error, _ConnectionLost) or self._writer.transport.get_write_buffer_size():
             # What waits to go out cannot reach a node that is gone, and a plain close
-            # would wait for it (the sender's drain() with it): every request on the
-            # connection has failed above and is re-sent elsewhere.
+            # would wait for it (the sender's drain() with it; with TLS, asyncio's own
+            # buffer may be empty while the socket's transport below it is full): every
+            # request on the connection has failed above and is re-sent elsewhere.
             self._writer.transport.abort()
         else:
             self._writer.close()
