@@ -279,8 +279,11 @@ _Identity = tuple[int, int, int, int]
 _verified_anchors: dict[str, tuple[_Identity, Entry]] = {}
 
 #: Segments verified before: the identity of the file that holds them, their offset in
-#: it, size and CRC (see _check_segment).
+#: it, size and CRC (see _check_segment). Files come and go as snapshots are replaced,
+#: so the set is emptied once it holds this many (a node keeps at most 32 segments, and
+#: forgetting one costs only a read of it).
 _verified_segments: set[tuple[_Identity, int, int, int]] = set()
+VERIFIED_SEGMENTS_MAX = 1024
 
 
 def _identity(st: os.stat_result) -> _Identity:
@@ -434,6 +437,8 @@ def _check_segment(
     f.seek(offset)
     if _crc_of(f, segment.size, f"segment {segment.name!r}", spath) != segment.crc:
         raise SnapshotCorrupt(f"snapshot {spath!r}: CRC mismatch in segment {segment.name!r}")
+    if len(_verified_segments) >= VERIFIED_SEGMENTS_MAX:
+        _verified_segments.clear()
     _verified_segments.add(key)
 
 

@@ -545,11 +545,21 @@ def run(scenario: Callable[[], Coroutine[Any, Any, None]], timeout: float = 30.0
     asyncio.run(with_cleanup())
 
 
+async def _node(
+    name: str, state: ChannelState, *, leader: bool = True, **settings: Any
+) -> FakeNode:
+    """A fake node with ``settings`` (attributes) applied before it starts listening."""
+    node = FakeNode(name, state, leader=leader)
+    for attribute, value in settings.items():
+        setattr(node, attribute, value)
+    _live_nodes.append(node)
+    return await node.start()
+
+
 async def _nodes(*leaders: bool) -> list[FakeNode]:
+    """Started fake nodes sharing one state, leading or not as ``leaders`` says."""
     state = ChannelState()
-    nodes = [await FakeNode(f"n{i}", state, leader=lead).start() for i, lead in enumerate(leaders)]
-    _live_nodes.extend(nodes)
-    return nodes
+    return [await _node(f"n{i}", state, leader=lead) for i, lead in enumerate(leaders)]
 
 
 def _stored(node: FakeNode, channel: str) -> list[Any]:
@@ -719,17 +729,6 @@ def test_a_node_holding_a_request_is_pinged_and_kept() -> None:
             assert await chan.read() == ["held"]
 
     run(scenario)
-
-
-async def _node(
-    name: str, state: ChannelState, *, leader: bool = True, **settings: Any
-) -> FakeNode:
-    """A fake node with ``settings`` (attributes) applied before it starts listening."""
-    node = FakeNode(name, state, leader=leader)
-    for attribute, value in settings.items():
-        setattr(node, attribute, value)
-    _live_nodes.append(node)
-    return await node.start()
 
 
 def test_no_ping_goes_to_a_node_that_reads_no_more_of_the_connection() -> None:

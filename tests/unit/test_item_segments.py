@@ -298,6 +298,22 @@ def test_earlier_segments_are_not_read_again_to_verify_a_snapshot(
         read_snapshot(node.path)
 
 
+def test_the_memo_of_verified_segments_stays_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One key per segment ever verified: without a bound a long-lived node would keep
+    # the keys of files long replaced.
+    monkeypatch.setattr(snapshot_module, "VERIFIED_SEGMENTS_MAX", 3)
+    node = _Node(tmp_path)
+    node.run(["open", "c", None])
+    for i in range(6):
+        node.append("c", bytes([i]) * 1000)
+        node.snapshot()
+        read_snapshot(node.path)
+        assert len(snapshot_module._verified_segments) <= 3
+    _same(node.loaded(node.path), node.state)
+
+
 def test_a_received_snapshot_verified_on_arrival_is_not_checked_again_when_loaded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
