@@ -720,10 +720,13 @@ class _Connection:
         self._quiet_since = loop.time()
         #: Bytes of frames handed to the transport, ever (see _delivered).
         self._written = 0
-        #: The ping out, if any: its id, when it was sent, and _delivered() with it.
+        #: The ping out, if any: its id, when it was sent, _delivered() then, and the
+        #: bytes written before it (the only ones whose delivery can show the node is
+        #: there, see _heard_since_ping).
         self._ping_id: int | None = None
         self._ping_sent_at = 0.0
         self._ping_delivered = 0
+        self._ping_written = 0
         self._read_task = loop.create_task(self._read_loop())
 
     @classmethod
@@ -874,22 +877,26 @@ class _Connection:
             # own timeouts.
             self._arm_probe(now + after)
             return
-        delivered, written = self._delivered(), self._written
+        self._ping_delivered, self._ping_written = self._delivered(), self._written
         self._ping_sent_at = loop.time()
         self._ping_id = self._next_id
         self.send(protocol.Ping(0), None)
-        # The ping's own bytes taken by the node's host prove nothing: a stopped process's
-        # kernel still acknowledges them.
-        self._ping_delivered = delivered + (self._written - written)
         self._arm_probe(self._ping_sent_at + timeout)
 
     def _heard_since_ping(self) -> bool:
         """Whether the node showed itself since the ping went out: it answered it or sent
-        anything, or its host acknowledged bytes of ours beyond the ping (a large upload
-        on a slow link still moving)."""
+        anything, or its host took more of the bytes that were on their way before the
+        ping (a large upload on a slow link still moving, which the ping waits behind).
+
+        The ping's own bytes, and those of requests sent after it, prove nothing: the
+        kernel of a host whose node process hangs still takes them, until its buffers
+        fill. Bytes sent before the ping are taken in order, so those still moving show a
+        node reading its connection, or a kernel whose buffers are not yet full: after at
+        most those buffers, the node must answer.
+        """
         if self._ping_id not in self._pending or self._quiet_since > self._ping_sent_at:
             return True
-        return self._delivered() > self._ping_delivered
+        return min(self._delivered(), self._ping_written) > self._ping_delivered
 
     def _leave_if_gone(self, timeout: float) -> None:
         if self.closed or self._ping_id is None:

@@ -708,6 +708,41 @@ def test_a_node_gone_quiet_is_left_once_its_ping_goes_unanswered() -> None:
     run(scenario)
 
 
+def test_a_hung_node_is_left_although_its_host_keeps_taking_new_appends() -> None:
+    # A leader whose process hangs (stopped, deadlocked, stalled on its disk) while its
+    # host runs on: the host's kernel acknowledges every byte the client sends, the
+    # process answers nothing. Appends that keep coming after the ping (more producers,
+    # or a producer going on after a flush timed out) are taken by that kernel too, and
+    # prove nothing: only bytes already on their way when the ping went out do. (Room
+    # for 100 requests in flight, so that a new one goes out every 0.1 s all along.)
+    async def scenario() -> None:
+        old, new = await _nodes(True, False)
+        addresses = [old.address, new.address]
+        async with AsyncClient(addresses, retry=PROBING, max_in_flight=100) as client:
+            chan = await client.channel("c")
+            chan.append(-1)
+            await chan.flush()
+            old.muted = True
+            old.leader, new.leader = False, True
+
+            async def keep_appending() -> None:
+                for k in range(100):  # 10 a second, for at most 10 s
+                    chan.append(k)
+                    await asyncio.sleep(0.1)
+
+            appending = asyncio.ensure_future(keep_appending())
+            try:
+                chan.append("after")
+                # Well before the attempt timeout (60 s): the pings left the old leader.
+                await chan.flush(timeout=5.0)
+            finally:
+                appending.cancel()
+            assert _stored(new, "c")[:2] == [-1, "after"]
+            assert old.connections == 1
+
+    run(scenario)
+
+
 def test_a_node_holding_a_request_is_pinged_and_kept() -> None:
     # A live node that holds an append (an election, a slow commit) answers the pings
     # meanwhile: the client keeps its connection and gets the answer when it comes.
