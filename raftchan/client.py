@@ -134,12 +134,12 @@ class RetryPolicy:
         probe_after: seconds a connection may stay quiet (nothing received) while
             requests wait on it before the client pings the node.
         probe_timeout: how long the node may then show no sign of itself (no answer to the
-            ping, no frame, none of the client's bytes taken beyond the ping) before it
-            counts as gone: the connection is dropped and its requests are re-sent to
-            another node, well before ``attempt_timeout``. A node that holds a request (an
-            election, a slow commit) answers pings meanwhile; one whose host lost power or
-            was cut off answers nothing and closes nothing, and is left after
-            ``probe_after + probe_timeout`` seconds. No ping is sent on a connection with
+            ping, no frame, no more taken of the client's bytes sent before the ping)
+            before it counts as gone: the connection is dropped and its requests are
+            re-sent to another node, well before ``attempt_timeout``. A node that holds a
+            request (an election, a slow commit) answers pings meanwhile; one whose host
+            lost power or was cut off, or whose process hangs, answers nothing and closes
+            nothing, and is left after ``probe_after + probe_timeout`` seconds. No ping is sent on a connection with
             as many requests waiting as the node reads at once (its announced
             ``max_pending_requests``); there only ``attempt_timeout`` applies.
     """
