@@ -2,7 +2,8 @@
 
 Starts each system for real on loopback, one after the other, runs the same workloads on
 each (append throughput with 1/8/64 producers, paced single-producer latency, fan-out,
-failover, recovery, Dask futures; ``--workloads`` picks some), stops what it started by
+failover after a kill and after a hang of the leader, recovery, Dask futures;
+``--workloads`` picks some), stops what it started by
 pid, writes ``benchmarks/results/<time>-<profile>.json`` and a Markdown table beside it,
 and prints the table.
 """
@@ -40,7 +41,7 @@ from .core import (
     say,
     throughput,
 )
-from .failover import run_failover
+from .failover import HANG, run_failover
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Every system ``--systems`` knows, in the order a run measures them.
@@ -110,6 +111,7 @@ async def _phases(system: System, cfg: Config, result: dict[str, Any], workdir: 
     size = cfg.item_sizes[0]
     workloads: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]] = [
         ("failover", lambda: run_failover(system, cfg, size)),
+        ("hang", lambda: run_failover(system, cfg, size, HANG)),
         ("recovery", lambda: system.recovery(cfg, workdir)),
         ("futures", lambda: system.futures(cfg, workdir)),
     ]
@@ -124,7 +126,7 @@ async def _workload(
     measure: Callable[[], Awaitable[dict[str, Any]]],
     result: dict[str, Any],
 ) -> None:
-    """One of the failover, recovery and futures workloads: its figures under ``key``, or
+    """One of the failover, hang, recovery and futures workloads: its figures under ``key``, or
     why the system cannot run it under ``<key>_unsupported``, or its error."""
     say(f"  {system.name}: {key} ...")
     try:
@@ -337,8 +339,9 @@ def _failed(s: dict[str, Any]) -> bool:
         s.get("error")
         or s.get("verified") is False
         or any("error" in f for f in s.get("fanout", []))
-        or any("error" in s.get(key, {}) for key in ("failover", "recovery", "futures"))
+        or any("error" in s.get(key, {}) for key in ("failover", "hang", "recovery", "futures"))
         or s.get("failover", {}).get("verified") is False
+        or s.get("hang", {}).get("verified") is False
         or s.get("futures", {}).get("results_correct") is False
     )
 

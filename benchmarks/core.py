@@ -117,7 +117,7 @@ class Skipped(Exception):
 
 
 #: Every workload ``--workloads`` knows, in the order a run measures them.
-WORKLOADS = ("throughput", "paced", "fanout", "failover", "recovery", "futures")
+WORKLOADS = ("throughput", "paced", "fanout", "failover", "hang", "recovery", "futures")
 
 
 @dataclass(frozen=True)
@@ -153,11 +153,11 @@ class Config:
     fanout_drain_s: float = 10.0
     #: Workloads to run (``--workloads``), from :data:`WORKLOADS`.
     workloads: tuple[str, ...] = WORKLOADS
-    #: Failover: rounds (one leader kill each); producers, each with its own client and
-    #: one append in flight, at most ``failover_rate`` appends/s each; seconds of steady
-    #: load before the kill and after the first acknowledgement that follows it; a round
-    #: gives up this long after the kill; an append unanswered after
-    #: ``failover_op_timeout_s`` has an unknown outcome.
+    #: Failover and hang: rounds (one SIGKILL or SIGSTOP of the leader each); producers,
+    #: each with its own client and one append in flight, at most ``failover_rate``
+    #: appends/s each; seconds of steady load before the fault and after every producer
+    #: was acknowledged again; a round gives up this long after the fault; an append
+    #: unanswered after ``failover_op_timeout_s`` has an unknown outcome.
     failover_rounds: int = 1
     failover_producers: int = 4
     failover_rate: float = 200.0
@@ -229,6 +229,7 @@ class System:
     no_fanout = "fan-out is not implemented for this system"
     #: Why the failover, recovery and futures workloads are not measured (if they are not).
     no_failover = "failover is not implemented for this system"
+    no_hang = "the hang workload is not implemented for this system"
     no_recovery = "recovery is not implemented for this system"
     no_futures = "only raftchan and Dask Queue hold Dask futures"
     #: How the failover producers' clients find the new leader (for the report).
@@ -281,6 +282,15 @@ class System:
     async def restart_server(self, i: int) -> None:
         """Start server ``i`` again on its data and wait until the cluster is whole."""
         raise Unsupported(self.no_failover)
+
+    def freeze_server(self, i: int) -> None:
+        """SIGSTOP server ``i`` (by pid): its sockets stay open and it answers nothing."""
+        raise Unsupported(self.no_hang)
+
+    async def thaw_server(self, i: int) -> None:
+        """SIGCONT server ``i`` after :meth:`freeze_server` and wait until the cluster is
+        whole again."""
+        raise Unsupported(self.no_hang)
 
     async def failover_stored(self) -> list[bytes]:
         """Every item of the failover channel, as stored (duplicates included)."""
@@ -349,6 +359,28 @@ class ServerSystem(System):
 
     def kill_server(self, i: int) -> None:
         self.procs[i].kill()
+
+    def freeze_server(self, i: int) -> None:
+        if type(self).server_rejoined is ServerSystem.server_rejoined:
+            raise Unsupported(self.no_hang)
+        self.procs[i].signal(signal.SIGSTOP)
+
+    async def thaw_server(self, i: int) -> None:
+        self.procs[i].signal(signal.SIGCONT)
+        await self.server_rejoined(i)
+
+    async def restart_server(self, i: int) -> None:
+        await self.restart_process(i, self.server_port(i))
+        await self.server_rejoined(i)
+
+    def server_port(self, i: int) -> int:
+        """The port clients reach server ``i`` on (for a restart)."""
+        raise Unsupported(self.no_failover)
+
+    async def server_rejoined(self, i: int) -> None:
+        """Until server ``i``, restarted or continued, serves again as part of the cluster
+        (the cluster whole: the next round starts from three servers)."""
+        raise Unsupported(self.no_failover)
 
     def server_name(self, i: int) -> str:
         return self.procs[i].name
@@ -684,6 +716,12 @@ class Process:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the process if it is still running."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.popen.pid, signum)
+
     def kill(self, timeout: float = 10.0) -> None:
         """SIGKILL (a crash: no clean shutdown) and reap."""
         if self.popen.poll() is None:
@@ -705,6 +743,8 @@ class Process:
             if self.popen.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.popen.pid, signal.SIGTERM)
+                    # A stopped process (the hang workload) acts on SIGTERM only once continued.
+                    os.kill(self.popen.pid, signal.SIGCONT)
                 try:
                     self.popen.wait(timeout)
                 except subprocess.TimeoutExpired:

@@ -1,26 +1,39 @@
-"""Failover: SIGKILL the leader under steady load, then check every append's outcome.
+"""Failover: take the leader out under steady load, then check every append's outcome.
 
 A few producers, each with its own client, append at a steady pace (one append in flight
 each, at most ``cfg.failover_rate`` a second). After ``cfg.failover_before_s`` the server
 leading the channel (raftchan's Raft leader, the NATS stream's leader, etcd's leader) is
-SIGKILLed. Figures of a round:
+taken out in one of two ways (:class:`Fault`):
 
-- ``failover_s``: from the kill to the acknowledgement of the first append *started after*
-  the kill (conservative by at most one append's latency; a reply already on the wire at
-  the kill cannot fake it); ``first_ack_s``: to the first acknowledgement at all;
+- ``failover`` (:data:`KILL`): SIGKILL. Its sockets close, so every client and peer learns
+  at once that it is gone. Restarted on its data after the round.
+- ``hang`` (:data:`HANG`): SIGSTOP. It keeps its sockets open and answers nothing: what a
+  host that lost power or was cut off from the network looks like to the others, and a
+  process stalled by its machine. Clients and peers must notice the silence themselves.
+  Continued (SIGCONT) after the round; it must find out it is no longer the leader.
+
+Figures of a round:
+
+- ``failover_s``: from the fault to the acknowledgement of the first append *started
+  after* it (conservative by at most one append's latency; a reply already on the wire at
+  the fault cannot fake it); ``first_ack_s``: to the first acknowledgement at all;
+  ``all_producers_s``: until every producer had such an acknowledgement (``None`` if one
+  never had: its client stayed with the lost server for the whole round);
 - ``timeline``: acknowledged appends per ``BUCKET_S`` from ``TIMELINE_BEFORE_S`` before the
-  kill, by the time each acknowledgement arrived.
+  fault, by the time each acknowledgement arrived.
 
 Every item carries its producer and sequence number, so once all rounds are over (the
-killed servers restarted) the items stored are compared with the appends made
+server brought back) the items stored are compared with the appends made
 (:func:`check_outcomes`): acknowledged but missing (lost), stored more than once
 (duplicates), and appends whose acknowledgement never came (an error or a timeout: the
-outcome is unknown to the producer) split by whether they ended up stored.
+outcome is unknown to the producer) split by whether they ended up stored. Both faults
+append to the same channel; each checks only the items of its own producers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import statistics
 import time
@@ -40,6 +53,29 @@ TIMELINE_BEFORE_S = 1.0
 ERROR_PAUSE_S = 0.05
 #: Bytes of an item that identify it: producer (2) and sequence number (6).
 KEY_BYTES = 8
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One way of taking the leader out: the workload's name (its result key), what the
+    report calls the server taken out, the signal, and the first producer number of its
+    items (so that two workloads appending to one channel check only their own items)."""
+
+    key: str
+    verb: str
+    signal: str
+    first_producer: int
+
+    def owns(self, item: bytes) -> bool:
+        producer = int.from_bytes(item[:2], "big")
+        return self.first_producer <= producer < self.first_producer + PRODUCER_RANGE
+
+
+#: Producer numbers one fault's items may use: round * 100 + producer, rounds from 1.
+PRODUCER_RANGE = 30_000
+KILL = Fault("failover", "killed", "SIGKILL", 0)
+HANG = Fault("hang", "hung", "SIGSTOP", PRODUCER_RANGE)
+FAULTS = {fault.key: fault for fault in (KILL, HANG)}
 
 
 def failover_item(producer: int, seq: int, size: int) -> bytes:
@@ -103,21 +139,27 @@ def timeline(times: Iterable[float], origin: float, before_s: float, after_s: fl
     return buckets
 
 
-async def run_failover(system: System, cfg: Config, item_bytes: int) -> dict[str, Any]:
-    """``cfg.failover_rounds`` rounds, then the outcome check of every append made."""
+async def run_failover(
+    system: System, cfg: Config, item_bytes: int, fault: Fault = KILL
+) -> dict[str, Any]:
+    """``cfg.failover_rounds`` rounds of ``fault``, then the outcome check of every append
+    they made."""
     if type(system).open_failover is System.open_failover:
         raise Unsupported(system.no_failover)
+    if fault is HANG and type(system).freeze_server is System.freeze_server:
+        raise Unsupported(system.no_hang)
     attempts: list[Attempt] = []
     rounds: list[dict[str, Any]] = []
     for round_no in range(1, cfg.failover_rounds + 1):
-        say(f"  {system.name}: failover round {round_no}/{cfg.failover_rounds} ...")
-        figures = await _round(system, cfg, round_no, item_bytes, attempts)
+        say(f"  {system.name}: {fault.key} round {round_no}/{cfg.failover_rounds} ...")
+        figures = await _round(system, cfg, round_no, item_bytes, attempts, fault)
         rounds.append(figures)
         say(
-            f"    killed {figures['killed']}: next acknowledged append after "
-            f"{_seconds(figures['failover_s'])} s, {figures['unknown']} unknown"
+            f"    {fault.verb} {figures['killed']}: next acknowledged append after "
+            f"{_seconds(figures['failover_s'])} s, every producer after "
+            f"{_seconds(figures['all_producers_s'])} s, {figures['unknown']} unknown"
         )
-    stored = await system.failover_stored()
+    stored = [item for item in await system.failover_stored() if fault.owns(item)]
     outcomes = check_outcomes(attempts, stored)
     measured = [r["failover_s"] for r in rounds if r["failover_s"] is not None]
     median = round(statistics.median(measured), 3) if measured else None
@@ -130,6 +172,7 @@ async def run_failover(system: System, cfg: Config, item_bytes: int) -> dict[str
         "rate_per_producer": cfg.failover_rate,
         "op_timeout_s": cfg.failover_op_timeout_s,
         "item_bytes": item_bytes,
+        "fault": fault.signal,
         "bucket_s": BUCKET_S,
         "timeline_before_s": TIMELINE_BEFORE_S,
         "client": system.failover_client,
@@ -151,12 +194,19 @@ async def run_failover(system: System, cfg: Config, item_bytes: int) -> dict[str
 
 
 async def _round(
-    system: System, cfg: Config, round_no: int, item_bytes: int, attempts: list[Attempt]
+    system: System,
+    cfg: Config,
+    round_no: int,
+    item_bytes: int,
+    attempts: list[Attempt],
+    fault: Fault,
 ) -> dict[str, Any]:
     clock = time.perf_counter
     mine: list[Attempt] = []
     stop = asyncio.Event()
     fresh_ack = asyncio.Event()
+    every_producer_acked = asyncio.Event()
+    acked_again: set[int] = set()
     killed_at = math.inf
 
     async def producer(p: int, append: Appender) -> None:
@@ -169,7 +219,7 @@ async def _round(
             now = clock()
             if next_at > now:
                 await asyncio.sleep(next_at - now)
-            item = failover_item(round_no * 100 + p, seq, item_bytes)
+            item = failover_item(fault.first_producer + round_no * 100 + p, seq, item_bytes)
             begin = clock()
             try:
                 await asyncio.wait_for(append(item), cfg.failover_op_timeout_s)
@@ -183,6 +233,9 @@ async def _round(
                 mine.append(Attempt(item_key(item), begin, end, True))
                 if begin >= killed_at:
                     fresh_ack.set()
+                    acked_again.add(p)
+                    if len(acked_again) == len(appenders):
+                        every_producer_acked.set()
             # No catching up after a stall: the pace restarts from now.
             next_at = max(begin + interval, clock())
 
@@ -195,13 +248,22 @@ async def _round(
             raise RuntimeError(f"no append acknowledged in {cfg.failover_before_s:g} s of load")
         victim = await system.failover_leader()
         killed_at = clock()
-        system.kill_server(victim)
+        if fault is HANG:
+            system.freeze_server(victim)
+        else:
+            system.kill_server(victim)
         recovered = True
         try:
             await asyncio.wait_for(fresh_ack.wait(), cfg.failover_limit_s)
         except asyncio.TimeoutError:
             recovered = False
         if recovered:
+            # A producer whose client stays with the lost server recovers later, or not
+            # within the round's limit: its figure is then None.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    every_producer_acked.wait(), killed_at + cfg.failover_limit_s - clock()
+                )
             await asyncio.sleep(cfg.failover_after_s)
         stop.set()
         await asyncio.wait(tasks, timeout=cfg.failover_op_timeout_s + 5.0)
@@ -212,16 +274,29 @@ async def _round(
         await asyncio.wait(tasks, timeout=5.0)
         await system.close_appenders()
         attempts += mine
-        if victim is not None:
+        if victim is not None and fault is HANG:
+            await system.thaw_server(victim)
+        elif victim is not None:
             await system.restart_server(victim)
     after = [a for a in mine if a.ended >= killed_at]
     fresh = [a.ended for a in after if a.acked and a.started >= killed_at]
     any_ack = [a.ended for a in after if a.acked]
+    # Per producer (the key's first two bytes), its first fresh acknowledgement.
+    first_fresh: dict[bytes, float] = {}
+    for a in after:
+        if a.acked and a.started >= killed_at:
+            owner = a.key[:2]
+            first_fresh[owner] = min(first_fresh.get(owner, math.inf), a.ended)
     unknown = [a for a in mine if not a.acked]
     return {
         "killed": None if victim is None else system.server_name(victim),
         "failover_s": round(min(fresh) - killed_at, 3) if fresh else None,
         "first_ack_s": round(min(any_ack) - killed_at, 3) if any_ack else None,
+        "all_producers_s": (
+            round(max(first_fresh.values()) - killed_at, 3)
+            if first_fresh and len(first_fresh) == len(appenders)
+            else None
+        ),
         "appends": len(mine),
         "acked": sum(a.acked for a in mine),
         "unknown": len(unknown),

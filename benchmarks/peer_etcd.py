@@ -171,8 +171,10 @@ class Etcd(ServerSystem):
                 await client.close()
         raise RuntimeError("no etcd member names a leader")
 
-    async def restart_server(self, i: int) -> None:
-        await self.restart_process(i, self.client_ports[i])
+    def server_port(self, i: int) -> int:
+        return self.client_ports[i]
+
+    async def server_rejoined(self, i: int) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
         client = self._client(self.client_ports[i])
         try:

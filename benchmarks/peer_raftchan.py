@@ -136,6 +136,15 @@ class Raftchan(System):
         self.cluster.restart(i)
         await asyncio.to_thread(self.cluster.wait_ready, READY_TIMEOUT_S)
 
+    def freeze_server(self, i: int) -> None:
+        assert self.cluster is not None
+        self.cluster.pause(i)
+
+    async def thaw_server(self, i: int) -> None:
+        assert self.cluster is not None
+        self.cluster.resume(i)
+        await asyncio.to_thread(self.cluster.wait_ready, READY_TIMEOUT_S)
+
     async def failover_stored(self) -> list[bytes]:
         assert self.cluster is not None
         async with raftchan.AsyncClient(self.cluster.addresses) as client:

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .failover import median_round
+from .failover import FAULTS, Fault, median_round
 from .report import size_label
 
 #: One colour and marker per system, the same in every plot of a run.
@@ -65,39 +65,40 @@ def write_plots(run: dict[str, Any], stem: Path) -> list[Path]:
             written.append(_latency_cdf(run, size, stem))
     if any(s.get("fanout") for s in _ran(run)):
         written.append(_fanout(run, stem))
-    if any(median_round(s.get("failover", {}).get("rounds", [])) for s in _ran(run)):
-        written.append(_failover(run, stem))
+    for fault in FAULTS.values():
+        if any(median_round(s.get(fault.key, {}).get("rounds", [])) for s in _ran(run)):
+            written.append(_failover(run, stem, fault))
     return written
 
 
-def _failover(run: dict[str, Any], stem: Path) -> Path:
-    """Acknowledged appends per bucket around the kill, the median round of each system."""
+def _failover(run: dict[str, Any], stem: Path, fault: Fault) -> Path:
+    """Acknowledged appends per bucket around the fault, the median round of each system."""
     import matplotlib.pyplot as plt
 
     styles = _style(run)
     fig, ax = plt.subplots(figsize=(11, 5.5))
     for s in _ran(run):
-        failover = s.get("failover", {})
+        failover = s.get(fault.key, {})
         chosen = median_round(failover.get("rounds", []))
         if chosen is None:
             continue
         bucket = failover["bucket_s"]
         counts = chosen["timeline"]
         xs = [-failover["timeline_before_s"] + k * bucket for k in range(len(counts))]
-        label = f"{s['name']} (killed {chosen['killed']}: {chosen['failover_s']:.2f} s)"
+        label = f"{s['name']} ({fault.verb} {chosen['killed']}: {chosen['failover_s']:.2f} s)"
         ax.step(
             xs, counts, where="post", label=label, linewidth=1.8, color=styles[s["name"]]["color"]
         )
     ax.axvline(0.0, color="black", linestyle="--", linewidth=1)
     ax.annotate(
-        "SIGKILL of the leader",
+        f"{fault.signal} of the leader",
         (0.0, 1.0),
         xycoords=("data", "axes fraction"),
         xytext=(4, -14),
         textcoords="offset points",
         fontsize=9,
     )
-    ax.set_xlabel("seconds from the kill")
+    ax.set_xlabel(f"seconds from the {fault.signal}")
     ax.set_ylabel(f"acknowledged appends per {bucket * 1000:.0f} ms")
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
@@ -105,11 +106,11 @@ def _failover(run: dict[str, Any], stem: Path) -> Path:
     ax.set_title(
         _title(
             run,
-            "Failover: acknowledged appends around a SIGKILL of the leader "
-            "(median round of each system)",
+            f"{fault.key.capitalize()}: acknowledged appends around a {fault.signal} of the "
+            "leader (median round of each system)",
         )
     )
-    return _save(fig, stem, "failover")
+    return _save(fig, stem, fault.key)
 
 
 def _throughput(run: dict[str, Any], size: int, stem: Path) -> Path:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .failover import HANG, KILL, Fault
+
 BASELINE = "raftchan"
 
 
@@ -95,7 +97,8 @@ def markdown(run: dict[str, Any]) -> str:
             [[s["name"], fmt(s.get("acked")), fmt(s.get("stored")), _verdict(s)] for s in ran],
         )
     lines += _fanout_section(ran)
-    lines += _failover_section(ran)
+    lines += _failover_section(ran, KILL)
+    lines += _failover_section(ran, HANG)
     lines += _recovery_section(ran)
     lines += _futures_section(ran)
     for s in systems:
@@ -190,10 +193,10 @@ def _seconds(value: float | None) -> str:
     return fmt(value, 2)
 
 
-def _failover_section(ran: list[dict[str, Any]]) -> list[str]:
+def _failover_section(ran: list[dict[str, Any]], fault: Fault) -> list[str]:
     rows: list[list[str]] = []
     for s in ran:
-        f = s.get("failover")
+        f = s.get(fault.key)
         if not f or "error" in f:
             continue
         rounds = ", ".join(_seconds(r.get("failover_s")) for r in f["rounds"])
@@ -204,6 +207,11 @@ def _failover_section(ran: list[dict[str, Any]]) -> list[str]:
                 _seconds(f.get("median_s")),
                 rounds,
                 ", ".join(_seconds(r.get("first_ack_s")) for r in f["rounds"]),
+                # Absent in runs from before the figure existed.
+                ", ".join(
+                    _seconds(r.get("all_producers_s")) if "all_producers_s" in r else "-"
+                    for r in f["rounds"]
+                ),
                 fmt(f["acked"]),
                 fmt(f["acked_lost"]),
                 fmt(f["duplicates"]),
@@ -212,17 +220,19 @@ def _failover_section(ran: list[dict[str, Any]]) -> list[str]:
                 "yes" if f.get("verified") else "NO",
             ]
         )
+    what = "SIGKILL" if fault is KILL else "SIGSTOP (a hung or cut-off host)"
     return _section(
         ran,
-        "failover",
-        "Failover: SIGKILL of the leader under steady load",
+        fault.key,
+        f"{fault.key.capitalize()}: {what} of the leader under steady load",
         rows,
         [
             "system",
             "rounds",
             "median s",
-            "kill to next acknowledged append, s (each round)",
-            "kill to first acknowledgement, s",
+            f"{fault.signal} to next acknowledged append, s (each round)",
+            f"{fault.signal} to first acknowledgement, s",
+            f"{fault.signal} until every producer was acknowledged again, s",
             "acknowledged",
             "acknowledged, lost",
             "duplicates",

@@ -140,6 +140,13 @@ def test_plots_are_written_beside_the_results(tmp_path: Path) -> None:
                         {"killed": "n1", "failover_s": 0.6, "timeline": [30] * 20 + [0] * 12}
                     ],
                 },
+                "hang": {
+                    "bucket_s": 0.05,
+                    "timeline_before_s": 1.0,
+                    "rounds": [
+                        {"killed": "n2", "failover_s": 3.1, "timeline": [30] * 20 + [0] * 62}
+                    ],
+                },
             },
             {"name": "absent", "skipped": "not installed"},
         ],
@@ -148,6 +155,7 @@ def test_plots_are_written_beside_the_results(tmp_path: Path) -> None:
     assert sorted(p.name for p in paths) == [
         "run-failover.png",
         "run-fanout.png",
+        "run-hang.png",
         "run-latency-16B.png",
         "run-latency-cdf-16B.png",
         "run-throughput-16B.png",
@@ -162,6 +170,16 @@ def test_failover_items_name_their_producer_and_sequence() -> None:
     assert len(item) == 16
     assert item_key(item) == (101).to_bytes(2, "big") + (7).to_bytes(6, "big")
     assert item_key(failover_item(101, 8, 16)) != item_key(item)
+
+
+def test_each_fault_checks_only_the_items_of_its_own_producers() -> None:
+    from benchmarks.failover import HANG, KILL, PRODUCER_RANGE, failover_item
+
+    killed = failover_item(3 * 100 + 3, 5, 16)  # round 3, producer 3 of the kill rounds
+    hung = failover_item(HANG.first_producer + 100, 0, 16)
+    assert KILL.owns(killed) and not HANG.owns(killed)
+    assert HANG.owns(hung) and not KILL.owns(hung)
+    assert not HANG.owns(failover_item(HANG.first_producer + PRODUCER_RANGE, 0, 16))
 
 
 def test_check_outcomes_finds_lost_duplicated_and_unknown_appends() -> None:
@@ -230,6 +248,20 @@ def test_markdown_has_the_failover_recovery_and_futures_tables() -> None:
                     "unknown_not_stored": 0,
                     "verified": True,
                 },
+                "hang": {
+                    "rounds": [
+                        {"failover_s": 3.1, "first_ack_s": 3.0, "all_producers_s": 3.2},
+                        {"failover_s": 2.9, "first_ack_s": 2.9, "all_producers_s": None},
+                    ],
+                    "median_s": 3.0,
+                    "acked": 900,
+                    "acked_lost": 0,
+                    "duplicates": 0,
+                    "unknown": 12,
+                    "unknown_stored": 12,
+                    "unknown_not_stored": 0,
+                    "verified": True,
+                },
                 "recovery": {
                     "items": 100000,
                     "load_items_per_s": 120000.0,
@@ -263,8 +295,14 @@ def test_markdown_has_the_failover_recovery_and_futures_tables() -> None:
         ],
     }
     text = report.markdown(run)
-    assert "| raftchan | 1 | 0.60 | 0.60 | 0.01 | 1,000 | 0 | 0 | 2 (2 / 0) | yes |" in text
+    # A run from before the every-producer figure existed shows "-" for it.
+    assert "| raftchan | 1 | 0.60 | 0.60 | 0.01 | - | 1,000 | 0 | 0 | 2 (2 / 0) | yes |" in text
     assert "- dask-queue: nothing to fail over to" in text
+    hang = text[text.index("### Hang: SIGSTOP") :]
+    assert "| SIGSTOP until every producer was acknowledged again, s |" in hang
+    # A producer that never got an acknowledgement again within the round: "-".
+    row = "| raftchan | 2 | 3.00 | 3.10, 2.90 | 3.00, 2.90 | 3.20, - | 900 | 0 | 0 | 12 (12 / 0) |"
+    assert row in hang
     assert "| raftchan | 100,000 | 120,000 | 0.50 | 0.70 | 0.80 | 40.0 / 40.0 / 40.0 |" in text
     assert "| dask-queue | 1,000 | 5,000 | 4,000 | yes | 4.00x | 1.00x |" in text
     assert "Not measured (they hold no Dask futures): redis" in text
