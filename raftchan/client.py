@@ -139,9 +139,10 @@ class RetryPolicy:
             re-sent to another node, well before ``attempt_timeout``. A node that holds a
             request (an election, a slow commit) answers pings meanwhile; one whose host
             lost power or was cut off, or whose process hangs, answers nothing and closes
-            nothing, and is left after ``probe_after + probe_timeout`` seconds. No ping is sent on a connection with
-            as many requests waiting as the node reads at once (its announced
-            ``max_pending_requests``); there only ``attempt_timeout`` applies.
+            nothing, and is left after ``probe_after + probe_timeout`` seconds. No ping is
+            sent on a connection with as many requests waiting as the node reads at once
+            (its announced ``max_pending_requests``); there only ``attempt_timeout``
+            applies.
     """
 
     initial_delay: float = 0.05
@@ -156,7 +157,7 @@ class RetryPolicy:
     # An election takes about a second: a client should not be left behind much longer.
     connect_timeout: float = 2.0
     probe_after: float = 1.0
-    probe_timeout: float = 2.0
+    probe_timeout: float = 1.0
 
     def __post_init__(self) -> None:
         if self.initial_delay < 0 or self.max_delay < 0:
