@@ -75,7 +75,9 @@ class RaftTuning:
     """Raft timing. Defaults suit a LAN: a leader whose process dies is replaced within
     0.1 s of its connections closing (measured 0.04-0.10 s from SIGKILL to the next
     acknowledged append on loopback, 0.18 s median within a full benchmark run); one cut
-    off without its connections closing, within an election timeout. Raise the timeouts
+    off or hung without its connections closing, within an election timeout (clients
+    leave it once a ping goes unanswered, ``RetryPolicy.probe_timeout``: 2.05-2.11 s
+    from a SIGSTOP of the leader to the next acknowledged append). Raise the timeouts
     together for links with more latency or nodes prone to long pauses.
 
     ``min_timeout``/``max_timeout`` bound the randomised election timeout (seconds);
@@ -87,8 +89,8 @@ class RaftTuning:
     A snapshot is taken once the log holds ``compaction_growth`` times the last
     snapshot's bytes and also more than ``compaction_min_entries`` entries or
     ``compaction_min_bytes`` bytes; and ``compaction_min_time`` seconds after the last
-    one whatever the log holds (see raftchan.compaction: each snapshot rewrites the whole
-    state).
+    one whatever the log holds (see raftchan.compaction; a snapshot writes the items
+    appended since the last one, raftchan.item_segments).
     """
 
     min_timeout: float = 0.3
