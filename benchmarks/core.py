@@ -283,6 +283,11 @@ class System:
         """Start server ``i`` again on its data and wait until the cluster is whole."""
         raise Unsupported(self.no_failover)
 
+    def can_hang(self) -> bool:
+        """Whether the hang workload can run: :meth:`freeze_server` and
+        :meth:`thaw_server` are implemented."""
+        return type(self).freeze_server is not System.freeze_server
+
     def freeze_server(self, i: int) -> None:
         """SIGSTOP server ``i`` (by pid): its sockets stay open and it answers nothing."""
         raise Unsupported(self.no_hang)
@@ -360,9 +365,10 @@ class ServerSystem(System):
     def kill_server(self, i: int) -> None:
         self.procs[i].kill()
 
+    def can_hang(self) -> bool:
+        return type(self).server_rejoined is not ServerSystem.server_rejoined
+
     def freeze_server(self, i: int) -> None:
-        if type(self).server_rejoined is ServerSystem.server_rejoined:
-            raise Unsupported(self.no_hang)
         self.procs[i].signal(signal.SIGSTOP)
 
     async def thaw_server(self, i: int) -> None:

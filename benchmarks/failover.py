@@ -7,10 +7,12 @@ taken out in one of two ways (:class:`Fault`):
 
 - ``failover`` (:data:`KILL`): SIGKILL. Its sockets close, so every client and peer learns
   at once that it is gone. Restarted on its data after the round.
-- ``hang`` (:data:`HANG`): SIGSTOP. It keeps its sockets open and answers nothing: what a
-  host that lost power or was cut off from the network looks like to the others, and a
-  process stalled by its machine. Clients and peers must notice the silence themselves.
-  Continued (SIGCONT) after the round; it must find out it is no longer the leader.
+- ``hang`` (:data:`HANG`): SIGSTOP. It keeps its sockets open and answers nothing, while
+  its host's kernel goes on taking the bytes sent to it: a hung process (a stall on its
+  disk, a deadlock, a paused virtual machine). Clients and peers must notice the silence
+  themselves. (A host that lost power or was cut off looks the same, except that nothing
+  takes the bytes either.) Continued (SIGCONT) after the round; it must find out it is
+  no longer the leader.
 
 Figures of a round:
 
@@ -146,8 +148,15 @@ async def run_failover(
     they made."""
     if type(system).open_failover is System.open_failover:
         raise Unsupported(system.no_failover)
-    if fault is HANG and type(system).freeze_server is System.freeze_server:
+    if fault is HANG and not system.can_hang():
         raise Unsupported(system.no_hang)
+    # Producer numbers (2 bytes in each item): round * 100 + producer within the fault's
+    # range, so that rounds and faults never share one.
+    if cfg.failover_producers > 100 or (cfg.failover_rounds + 1) * 100 > PRODUCER_RANGE:
+        raise ValueError(
+            f"at most 100 producers and {PRODUCER_RANGE // 100 - 1} rounds "
+            f"(got {cfg.failover_producers} and {cfg.failover_rounds})"
+        )
     attempts: list[Attempt] = []
     rounds: list[dict[str, Any]] = []
     for round_no in range(1, cfg.failover_rounds + 1):
@@ -259,7 +268,7 @@ async def _round(
             recovered = False
         if recovered:
             # A producer whose client stays with the lost server recovers later, or not
-            # within the round's limit: its figure is then None.
+            # before the round ends (all_producers_s is then None).
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(
                     every_producer_acked.wait(), killed_at + cfg.failover_limit_s - clock()
@@ -268,16 +277,19 @@ async def _round(
         stop.set()
         await asyncio.wait(tasks, timeout=cfg.failover_op_timeout_s + 5.0)
     finally:
-        stop.set()
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait(tasks, timeout=5.0)
-        await system.close_appenders()
-        attempts += mine
-        if victim is not None and fault is HANG:
-            await system.thaw_server(victim)
-        elif victim is not None:
-            await system.restart_server(victim)
+        try:
+            stop.set()
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=5.0)
+            await system.close_appenders()
+        finally:
+            attempts += mine
+            # Whatever happened above: the next round (or the next system) needs it back.
+            if victim is not None and fault is HANG:
+                await system.thaw_server(victim)
+            elif victim is not None:
+                await system.restart_server(victim)
     after = [a for a in mine if a.ended >= killed_at]
     fresh = [a.ended for a in after if a.acked and a.started >= killed_at]
     any_ack = [a.ended for a in after if a.acked]

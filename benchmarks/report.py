@@ -207,11 +207,8 @@ def _failover_section(ran: list[dict[str, Any]], fault: Fault) -> list[str]:
                 _seconds(f.get("median_s")),
                 rounds,
                 ", ".join(_seconds(r.get("first_ack_s")) for r in f["rounds"]),
-                # Absent in runs from before the figure existed.
-                ", ".join(
-                    _seconds(r.get("all_producers_s")) if "all_producers_s" in r else "-"
-                    for r in f["rounds"]
-                ),
+                # "-" also in runs from before the figure existed.
+                ", ".join(_seconds(r.get("all_producers_s")) for r in f["rounds"]),
                 fmt(f["acked"]),
                 fmt(f["acked_lost"]),
                 fmt(f["duplicates"]),
@@ -220,7 +217,7 @@ def _failover_section(ran: list[dict[str, Any]], fault: Fault) -> list[str]:
                 "yes" if f.get("verified") else "NO",
             ]
         )
-    what = "SIGKILL" if fault is KILL else "SIGSTOP (a hung or cut-off host)"
+    what = "SIGKILL" if fault is KILL else "SIGSTOP (a hung process)"
     return _section(
         ran,
         fault.key,

@@ -878,10 +878,14 @@ class _Connection:
             # own timeouts.
             self._arm_probe(now + after)
             return
-        self._ping_delivered, self._ping_written = self._delivered(), self._written
+        self._ping_written = self._written
         self._ping_sent_at = loop.time()
         self._ping_id = self._next_id
         self.send(protocol.Ping(0), None)
+        # Measured once the ping is out: with TLS, what moved into the transport below
+        # (which _delivered cannot see) already counts as taken and cannot pass for
+        # progress later.
+        self._ping_delivered = self._delivered()
         self._arm_probe(self._ping_sent_at + timeout)
 
     def _heard_since_ping(self) -> bool:
@@ -921,6 +925,9 @@ class _Connection:
     def _delivered(self) -> int:
         """Bytes of ours the node's host has taken: all we wrote, less what still waits in
         asyncio's buffer and (on Linux) in the socket's send queue, unsent or unacknowledged.
+
+        With TLS, ciphertext handed to the plain transport below asyncio's TLS layer is
+        not seen (at most that transport's high-water mark, 64 KiB) and counts as taken.
         """
         transport = self._writer.transport
         waiting = transport.get_write_buffer_size()

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from benchmarks import report
-from benchmarks.core import delivery_summary, fanout_item, fanout_seq, latency_summary, percentile
+from benchmarks.core import (
+    Appender,
+    delivery_summary,
+    fanout_item,
+    fanout_seq,
+    latency_summary,
+    percentile,
+)
 
 
 def test_percentile_is_nearest_rank_and_always_observed() -> None:
@@ -180,6 +187,28 @@ def test_each_fault_checks_only_the_items_of_its_own_producers() -> None:
     assert KILL.owns(killed) and not HANG.owns(killed)
     assert HANG.owns(hung) and not KILL.owns(hung)
     assert not HANG.owns(failover_item(HANG.first_producer + PRODUCER_RANGE, 0, 16))
+
+
+def test_failover_refuses_what_it_cannot_run_before_starting_a_round() -> None:
+    import asyncio
+    import dataclasses
+
+    from benchmarks.core import PROFILES, System, Unsupported
+    from benchmarks.failover import HANG, run_failover
+
+    class KillOnly(System):
+        name = "kill-only"
+
+        async def open_failover(self, n: int, op_timeout: float) -> list[Appender]:
+            raise AssertionError("no round may start")
+
+    quick = PROFILES["quick"]
+    with pytest.raises(Unsupported, match="hang"):
+        asyncio.run(run_failover(KillOnly(), quick, 16, HANG))
+    # Producer numbers are round * 100 + producer, in 2 bytes per item.
+    for too_many in ({"failover_producers": 101}, {"failover_rounds": 300}):
+        with pytest.raises(ValueError, match="at most 100 producers"):
+            asyncio.run(run_failover(KillOnly(), dataclasses.replace(quick, **too_many), 16))
 
 
 def test_check_outcomes_finds_lost_duplicated_and_unknown_appends() -> None:
