@@ -283,6 +283,43 @@ def test_appends_move_off_a_hung_leader_long_before_the_attempt_timeout(
             cluster.resume(old)
 
 
+def test_appends_that_keep_coming_do_not_keep_a_hung_leader(cluster: LocalCluster) -> None:
+    # The stopped leader's kernel still takes every byte sent to it. Appends that go on
+    # coming while the client waits (here one every 0.1 s, with room for 2,000 requests
+    # in flight: 200 s of them) reach that kernel after the ping and must not count as
+    # the node's answer: the flush has to end on the new leader within its 15 s, long
+    # before the attempt timeout.
+    retry = raftchan.RetryPolicy(timeout=15.0, attempt_timeout=OP_TIMEOUT * 4)
+    with raftchan.Client(cluster.addresses, retry=retry, max_in_flight=2000) as client:
+        chan = client.channel("hung-busy")
+        chan.put("before")
+        old = cluster.wait_leader(timeout=OP_TIMEOUT)
+        stop = threading.Event()
+
+        def keep_appending() -> None:
+            for k in range(300):  # bounded: 30 s at most
+                if stop.wait(0.1):
+                    return
+                chan.append(k)
+
+        appender = threading.Thread(target=keep_appending, daemon=True)
+        cluster.pause(old)
+        try:
+            chan.append("after")
+            appender.start()
+            chan.flush()
+            stop.set()
+            appender.join()
+            chan.flush()
+            items = list(chan.data)
+            assert items[:2] == ["before", "after"]
+            assert items[2:] == list(range(len(items) - 2))
+            assert cluster.wait_leader(timeout=OP_TIMEOUT) != old
+        finally:
+            stop.set()
+            cluster.resume(old)
+
+
 def test_a_client_fits_its_batches_to_a_node_with_smaller_limits(tmp_path: Path) -> None:
     """Limits are node flags: a client with the default 4 MiB frames must not keep
     sending frames that a node allowing 64 KiB can only refuse."""
