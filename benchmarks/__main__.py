@@ -3,9 +3,9 @@
 Starts each system for real on loopback, one after the other, runs the same workloads on
 each (append throughput with 1/8/64 producers, paced single-producer latency, fan-out,
 failover after a kill and after a hang of the leader, recovery, Dask futures;
-``--workloads`` picks some), stops what it started by
-pid, writes ``benchmarks/results/<time>-<profile>.json`` and a Markdown table beside it,
-and prints the table.
+``--workloads`` picks some), stops what it started by pid, writes
+``benchmarks/results/<time>-<profile>.json`` and a Markdown table beside it, and prints
+the table.
 """
 
 from __future__ import annotations

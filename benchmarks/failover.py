@@ -60,12 +60,14 @@ KEY_BYTES = 8
 @dataclass(frozen=True)
 class Fault:
     """One way of taking the leader out: the workload's name (its result key), what the
-    report calls the server taken out, the signal, and the first producer number of its
-    items (so that two workloads appending to one channel check only their own items)."""
+    report calls the server taken out, the signal, how table titles name it, and the
+    first producer number of its items (so that two workloads appending to one channel
+    check only their own items)."""
 
     key: str
     verb: str
     signal: str
+    title: str
     first_producer: int
 
     def owns(self, item: bytes) -> bool:
@@ -75,8 +77,8 @@ class Fault:
 
 #: Producer numbers one fault's items may use: round * 100 + producer, rounds from 1.
 PRODUCER_RANGE = 30_000
-KILL = Fault("failover", "killed", "SIGKILL", 0)
-HANG = Fault("hang", "hung", "SIGSTOP", PRODUCER_RANGE)
+KILL = Fault("failover", "killed", "SIGKILL", "SIGKILL", 0)
+HANG = Fault("hang", "hung", "SIGSTOP", "SIGSTOP (a hung process)", PRODUCER_RANGE)
 FAULTS = {fault.key: fault for fault in (KILL, HANG)}
 
 
@@ -215,7 +217,8 @@ async def _round(
     stop = asyncio.Event()
     fresh_ack = asyncio.Event()
     every_producer_acked = asyncio.Event()
-    acked_again: set[int] = set()
+    #: Per producer, when its first append started after the fault was acknowledged.
+    first_fresh: dict[int, float] = {}
     killed_at = math.inf
 
     async def producer(p: int, append: Appender) -> None:
@@ -242,8 +245,8 @@ async def _round(
                 mine.append(Attempt(item_key(item), begin, end, True))
                 if begin >= killed_at:
                     fresh_ack.set()
-                    acked_again.add(p)
-                    if len(acked_again) == len(appenders):
+                    first_fresh.setdefault(p, end)
+                    if len(first_fresh) == len(appenders):
                         every_producer_acked.set()
             # No catching up after a stall: the pace restarts from now.
             next_at = max(begin + interval, clock())
@@ -293,12 +296,6 @@ async def _round(
     after = [a for a in mine if a.ended >= killed_at]
     fresh = [a.ended for a in after if a.acked and a.started >= killed_at]
     any_ack = [a.ended for a in after if a.acked]
-    # Per producer (the key's first two bytes), its first fresh acknowledgement.
-    first_fresh: dict[bytes, float] = {}
-    for a in after:
-        if a.acked and a.started >= killed_at:
-            owner = a.key[:2]
-            first_fresh[owner] = min(first_fresh.get(owner, math.inf), a.ended)
     unknown = [a for a in mine if not a.acked]
     return {
         "killed": None if victim is None else system.server_name(victim),
@@ -306,7 +303,7 @@ async def _round(
         "first_ack_s": round(min(any_ack) - killed_at, 3) if any_ack else None,
         "all_producers_s": (
             round(max(first_fresh.values()) - killed_at, 3)
-            if first_fresh and len(first_fresh) == len(appenders)
+            if len(first_fresh) == len(appenders)
             else None
         ),
         "appends": len(mine),

@@ -217,11 +217,10 @@ def _failover_section(ran: list[dict[str, Any]], fault: Fault) -> list[str]:
                 "yes" if f.get("verified") else "NO",
             ]
         )
-    what = "SIGKILL" if fault is KILL else "SIGSTOP (a hung process)"
     return _section(
         ran,
         fault.key,
-        f"{fault.key.capitalize()}: {what} of the leader under steady load",
+        f"{fault.key.capitalize()}: {fault.title} of the leader under steady load",
         rows,
         [
             "system",
