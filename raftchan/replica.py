@@ -34,6 +34,7 @@ import math
 import os
 import pickle
 import random
+import socket
 import sys
 import threading
 import time
@@ -41,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjException, replicated
 from pysyncobj.monotonic import monotonic as raft_clock
 from pysyncobj.syncobj import _COMMAND_TYPE, _RAFT_STATE
 from pysyncobj.tcp_connection import CONNECTION_STATE
@@ -51,7 +52,7 @@ from raftchan import item_segments, membership, pre_vote, retired_files
 from raftchan import journal as journal_module
 from raftchan import snapshot as snapshot_module
 from raftchan.compaction import CompactionPolicy
-from raftchan.config import NodeConfig
+from raftchan.config import ConfigError, NodeConfig, split_address
 from raftchan.errors import (
     CommitUnknown,
     MemberExists,
@@ -91,6 +92,14 @@ SNAPSHOT_FILE = "raft.snapshot"
 _ROLE_NAMES = {0: "follower", 1: "candidate", 2: "leader"}
 #: Socket buffers asked for on peer connections (see the SyncObjConf in Replica).
 PEER_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+
+#: pysyncobj binds the Raft port in its thread and, by default, retries every second
+#: forever without a word: a node whose port another program held said it was ready,
+#: and could only dial out. It now tries this many times, this far apart, and the node
+#: stops with the reason (:meth:`Replica.wait_bound`). A port held by a process of ours
+#: that is still exiting is free again well within that.
+BIND_ATTEMPTS = 6
+BIND_RETRY_S = 0.5
 
 
 def append_batch_bytes(limits: Limits) -> int:
@@ -713,6 +722,8 @@ class Replica:
             # NoLeader and clients look elsewhere instead of hanging.
             commandsWaitLeader=False,
             bindAddress=config.peer_address,
+            bindRetryTime=BIND_RETRY_S,
+            maxBindRetries=BIND_ATTEMPTS,
             password=config.cluster_secret,
             onStateChanged=self._state_changed,
             dynamicMembershipChange=True,
@@ -1072,6 +1083,22 @@ class Replica:
         transport = self._node._SyncObj__transport
         transport.blocked = set(peers)
 
+    def wait_bound(self) -> None:
+        """Block until pysyncobj listens on the Raft address: at once if its first attempt
+        worked, else up to about ``BIND_ATTEMPTS * BIND_RETRY_S`` seconds.
+
+        Raises :class:`ConfigError` naming the address and the system's reason (in use,
+        not an address of this host) if it never could; the node cannot take part in Raft.
+        """
+        try:
+            self._node.waitBinded()
+        except SyncObjException:
+            address = self.config.peer_address
+            raise ConfigError(
+                f"cannot listen on the Raft address {address} (--peer-address): "
+                f"{_bind_failure(address)}"
+            ) from None
+
     def close(self, timeout: float = 5.0) -> None:
         """Stop the Raft thread and sync the journal; waits up to ``timeout`` seconds."""
         if self._closed:
@@ -1084,3 +1111,16 @@ class Replica:
         self._snapshot_receiver.close()
         self._snapshots.wait(max(0.0, deadline - time.monotonic()))
         self.journal.sync()
+
+
+def _bind_failure(address: str) -> str:
+    """Why ``address`` cannot be bound now, in the system's words (pysyncobj keeps them)."""
+    host, port = split_address(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return f"it was busy for {BIND_ATTEMPTS * BIND_RETRY_S:g} s"

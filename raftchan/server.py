@@ -116,15 +116,24 @@ class NodeServer:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Listen on the Raft, client and HTTP addresses; ConfigError if one cannot be
+        bound (the message names it and the system's reason)."""
+        await asyncio.to_thread(self.replica.wait_bound)
         host, port = split_address(self.config.client_address)
         tls = None
         if self.config.tls_cert_file is not None and self.config.tls_key_file is not None:
             tls = server_ssl_context(self.config.tls_cert_file, self.config.tls_key_file)
-        self._server = await asyncio.start_server(
-            self._serve_connection, host, port, reuse_address=True, limit=2**20, ssl=tls
-        )
+        try:
+            self._server = await asyncio.start_server(
+                self._serve_connection, host, port, reuse_address=True, limit=2**20, ssl=tls
+            )
+        except OSError as exc:
+            raise _listen_error(self.config.client_address, "--client-address", exc) from None
         if self.http is not None:
-            self.http.start()
+            try:
+                self.http.start()
+            except OSError as exc:
+                raise _listen_error(self.http.address, "--http-address", exc) from None
         self._background.append(asyncio.create_task(self._register_loop()))
         if self.keeper is not None:
             self.keeper.start()
@@ -600,6 +609,10 @@ class NodeServer:
                 return self._read(request.channel, request.start, None)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(event.wait(), remaining)
+
+
+def _listen_error(address: str, flag: str, exc: OSError) -> ConfigError:
+    return ConfigError(f"cannot listen on {address} ({flag}): {exc.strerror or exc}")
 
 
 def _without_ok(result: Result) -> dict[str, Any]:

@@ -18,6 +18,7 @@ cluster costs more than all the cases together.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import socket
 import struct
@@ -609,31 +610,49 @@ def _node_command(tmp_path: Path, client_port: int, peer: str, *extra: str) -> l
     ]  # fmt: skip
 
 
-def _run_refused(command: list[str]) -> subprocess.CompletedProcess[str]:
-    """Run a node that must refuse to start: non-zero status, quickly, no traceback."""
+def _run_refused(
+    command: list[str],
+    *,
+    bound_first: bool = False,
+    preexec: Callable[[], None] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a node that must refuse to start: non-zero status, quickly, no traceback.
+
+    Unless ``bound_first``, it must refuse before binding anything: the tests hold its
+    ports, so a bind would have failed with 'address in use' instead.
+    """
     started = time.monotonic()
     done = subprocess.run(
-        command, capture_output=True, text=True, timeout=REFUSE_TIMEOUT, stdin=subprocess.DEVNULL
+        command,
+        capture_output=True,
+        text=True,
+        timeout=REFUSE_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=preexec,
     )
     elapsed = time.monotonic() - started
     report = f"status {done.returncode} after {elapsed:.1f} s\nstderr:\n{done.stderr}"
     assert done.returncode != 0, report
     assert "Traceback" not in done.stderr, report
-    assert "in use" not in done.stderr.lower(), report
+    if not bound_first:
+        assert "in use" not in done.stderr.lower(), report
     return done
+
+
+@contextlib.contextmanager
+def _listening(host: str) -> Iterator[int]:
+    """A port this test listens on at ``host``; no other program can bind it meanwhile."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        sock.listen()
+        yield sock.getsockname()[1]
 
 
 @pytest.fixture(name="held_port")
 def held_port_fixture() -> Iterator[int]:
-    """A loopback port this test listens on, for the refused node's client address.
-
-    A node that tried to bind it would fail with 'address in use' instead of the refusal
-    under test: that proves the refusal came before any bind.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        yield sock.getsockname()[1]
+    """A loopback port this test listens on, for the refused node's client address."""
+    with _listening("127.0.0.1") as port:
+        yield port
 
 
 @pytest.mark.parametrize(
@@ -647,15 +666,14 @@ def held_port_fixture() -> Iterator[int]:
 def test_node_refuses_non_loopback_peers_without_secret(
     tmp_path: Path, held_port: int, peer_host: str, peers: str
 ) -> None:
-    (raft_port,) = free_ports(1)
-    command = _node_command(tmp_path, held_port, f"{peer_host}:{raft_port}")
-    command[command.index("--peers") + 1] = peers
-    done = _run_refused(command)
+    # The Raft port is held too (10.1.2.3 is no address of this host: binding it fails
+    # with a message of its own).
+    held = contextlib.nullcontext(free_ports(1)[0]) if peer_host == "10.1.2.3" else None
+    with held or _listening(peer_host) as raft_port:
+        command = _node_command(tmp_path, held_port, f"{peer_host}:{raft_port}")
+        command[command.index("--peers") + 1] = peers
+        done = _run_refused(command)
     assert "--cluster-secret-file" in done.stderr, done.stderr
-    # Nothing listens on the Raft port either.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.settimeout(IO_TIMEOUT)
-        assert probe.connect_ex(("127.0.0.1", raft_port)) != 0
 
 
 def _unusable_secrets(tmp_path: Path) -> Iterator[tuple[str, Path]]:
@@ -666,15 +684,10 @@ def _unusable_secrets(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     empty = tmp_path / "empty-secret"
     empty.write_text("  \n")
     yield "empty", empty
-    unreadable = tmp_path / "unreadable-secret"
-    unreadable.write_text("s3cret\n")
-    unreadable.chmod(0)
-    if not os.access(unreadable, os.R_OK):  # the superuser reads it anyway
-        yield "unreadable", unreadable
 
 
 def test_node_refuses_a_secret_file_it_cannot_use(tmp_path: Path, held_port: int) -> None:
-    """Missing, a folder, empty or unreadable: one clear line naming the file, no start."""
+    """Missing, a folder or empty: one clear line naming the file, no start."""
     (raft_port,) = free_ports(1)
     for label, path in _unusable_secrets(tmp_path):
         with case(label):
@@ -683,6 +696,63 @@ def test_node_refuses_a_secret_file_it_cannot_use(tmp_path: Path, held_port: int
             )
             done = _run_refused(command)
             assert path.name in done.stderr, done.stderr
+
+
+_PR_CAPBSET_DROP = 24
+_CAP_DAC_OVERRIDE = 1
+_CAP_DAC_READ_SEARCH = 2
+
+
+def _without_file_overrides() -> None:
+    """In the child before exec: drop the superuser's right to read any file, so a file
+    of mode 0 is unreadable to the node as it is to every other user (run as root)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH):
+        if libc.prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_node_refuses_a_secret_file_it_cannot_read(tmp_path: Path, held_port: int) -> None:
+    unreadable = tmp_path / "unreadable-secret"
+    unreadable.write_text("s3cret\n")
+    unreadable.chmod(0)
+    preexec = _without_file_overrides if os.geteuid() == 0 else None
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", f"open({str(unreadable)!r}).read()"],
+            preexec_fn=preexec,
+            capture_output=True,
+            timeout=REFUSE_TIMEOUT,
+        )
+        readable = probe.returncode == 0 or b"PermissionError" not in probe.stderr
+    except subprocess.SubprocessError:  # the right could not be dropped
+        readable = True
+    if readable:
+        pytest.skip("this host lets the test's user read a file of mode 0, and will not drop that")
+    (raft_port,) = free_ports(1)
+    command = _node_command(
+        tmp_path, held_port, f"10.1.2.3:{raft_port}", "--cluster-secret-file", str(unreadable)
+    )
+    done = _run_refused(command, preexec=preexec)
+    assert unreadable.name in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("taken", ["--peer-address", "--client-address", "--http-address"])
+def test_a_node_whose_port_is_taken_stops_with_one_line_naming_it(
+    tmp_path: Path, taken: str
+) -> None:
+    """Another program listens on the node's Raft, client or HTTP port: the node must not
+    run (pysyncobj alone retried the Raft port forever while the node said it was ready)."""
+    free_client, free_raft, free_http = free_ports(3)
+    with _listening("127.0.0.1") as held:
+        client_port = held if taken == "--client-address" else free_client
+        raft_port = held if taken == "--peer-address" else free_raft
+        http_port = held if taken == "--http-address" else free_http
+        http = ("--http-address", f"127.0.0.1:{http_port}")
+        command = _node_command(tmp_path, client_port, f"127.0.0.1:{raft_port}", *http)
+        done = _run_refused(command, bound_first=True)
+    assert f"127.0.0.1:{held} ({taken})" in done.stderr, done.stderr
+    assert "in use" in done.stderr.lower(), done.stderr
 
 
 def test_a_cluster_runs_on_a_secret_file_of_random_bytes(tmp_path: Path) -> None:
