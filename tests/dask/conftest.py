@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import distributed
 import pytest
 
 from cluster.fixtures import started_cluster
 from cluster.harness import LocalCluster
-
-distributed = pytest.importorskip("distributed")
 
 
 @pytest.fixture(name="dask_cluster", scope="module")

@@ -196,7 +196,7 @@ def test_maxlen_trimming_releases_the_trimmed_keys_only(
         )
 
 
-def test_a_lost_key_raises_future_lost_in_bounded_time(
+def test_a_lost_key_raises_future_lost_without_waiting_out_the_timeout(
     rc_cluster: LocalCluster,
     dask_cluster: distributed.LocalCluster,
     dask_client: distributed.Client,
@@ -217,10 +217,9 @@ def test_a_lost_key_raises_future_lost_in_bounded_time(
         raftchan.Client(rc_cluster.addresses, dask_client=other, timeout=OP_TIMEOUT) as reader,
     ):
         [lost] = reader.channel("lost").data
-        started = time.monotonic()
+        # A wait for the lost data would end in a timeout error, not FutureLost.
         with pytest.raises(raftchan.FutureLost, match=key):
-            lost.result(timeout=OP_TIMEOUT)
-        assert time.monotonic() - started < LOST_BOUND
+            lost.result(timeout=LOST_BOUND)
 
 
 def test_appending_a_key_the_scheduler_does_not_know_fails_flush_with_future_lost(
@@ -230,10 +229,9 @@ def test_appending_a_key_the_scheduler_does_not_know_fails_flush_with_future_los
         chan = rc.channel("ghosts")
         chan.append(distributed.Future("raftchan-test-no-such-key", dask_client))
         chan.append("after")
-        started = time.monotonic()
+        # A flush that waited for the key would end in Timeout, not FutureLost.
         with pytest.raises(raftchan.FutureLost, match="no-such-key"):
-            chan.flush()
-        assert time.monotonic() - started < LOST_BOUND
+            chan.flush(timeout=LOST_BOUND)
         assert len(chan) == 2  # stored all the same, marked lost
         ghost, after = chan.data
         assert after == "after"

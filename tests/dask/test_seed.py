@@ -79,18 +79,15 @@ def test_the_old_docs_worker_client_example_runs_and_stop_ends_every_loop(
         if len(sums) == SUMS:
             break
 
-    started = time.monotonic()
     for name in ("a", "b", "adds"):
         client.channel(name).stop()
-    distributed.wait([*emitters, combiner], timeout=END_BOUND)
-    ended = time.monotonic() - started
     # The emitters end when their next append meets the stopped channel; the combiner
-    # when its iterations end (or its last append meets the stopped 'adds').
+    # when its iterations end (or its last append meets the stopped 'adds'). A task still
+    # running at the bound makes wait() raise TimeoutError.
+    distributed.wait([*emitters, combiner], timeout=END_BOUND)
     for task in (*emitters, combiner):
-        assert task.done()
         if task.status == "error":
             assert isinstance(task.exception(), raftchan.ChannelStopped)
-    assert ended < END_BOUND
 
     a_values = [f.result(timeout=30) for f in client.channel("a").read(0, SUMS)]
     b_values = [f.result(timeout=30) for f in client.channel("b").read(0, SUMS)]

@@ -200,8 +200,7 @@ def test_leaders_killed_mid_stream_lose_and_repeat_nothing(cluster: LocalCluster
         print(f"{kills} leaders killed; {writer.appended} items")
         assert_contents(chan, writer.appended)
 
-        statuses = wait_converged(cluster)
-        assert len({s["position"] for s in statuses}) == 1
+        wait_converged(cluster)
         # The contents did not change while the last restarted node caught up.
         assert_contents(chan, writer.appended)
 

@@ -165,9 +165,10 @@ def wait_settled(cluster: LocalCluster, timeout: float) -> int:
     """Wait until every node answers and all are in one term under one leader, which they
     all name; returns its index.
 
-    A host cut off for longer than an election timeout comes back in a higher term
-    (pysyncobj has no pre-vote), so its return deposes the leader once more. Waiting for
-    that to pass makes the next cut meet a settled cluster.
+    A host that comes back may still hold an old term and name no leader (a cut-off
+    leader learns of its successor only from it; pre-vote keeps a cut-off follower's term
+    where it was). Waiting until every node names the same leader in the same term makes
+    the next cut meet a settled cluster.
     """
     deadline = time.monotonic() + timeout
     while True:

@@ -289,7 +289,7 @@ def test_operator_tools_need_an_address() -> None:
     assert "no cluster address" in result.output
 
 
-def test_status_table_and_leader() -> None:
+def test_status_table_marks_unknown_readiness_and_finds_the_leader() -> None:
     nodes: list[dict[str, Any]] = [
         {"name": "n1", "client_address": "127.0.0.1:1", "role": "follower", "term": 3,
          "commit_index": 7, "applied_index": 7, "leader": "127.0.0.1:2"},
@@ -298,13 +298,10 @@ def test_status_table_and_leader() -> None:
         {"client_address": "127.0.0.1:3", "role": "unreachable"},
     ]  # fmt: skip
 
+    # The columns, and a row for each node, are checked in test_metrics.py.
     table = format_table(nodes).splitlines()
 
-    assert table[0].split() == [
-        "NAME", "ROLE", "TERM", "COMMIT", "APPLIED", "LAG", "READY", "CLIENT", "ADDRESS",
-    ]  # fmt: skip
     assert table[2].split() == ["n2", "leader", "3", "7", "6", "1", "-", "127.0.0.1:2"]
-    assert table[3].split() == ["-", "unreachable", "-", "-", "-", "-", "-", "127.0.0.1:3"]
     assert leader_of(nodes) == "127.0.0.1:2"
     # Without the leader's own answer, the leader the others name.
     assert leader_of([nodes[0], nodes[2]]) == "127.0.0.1:2"
