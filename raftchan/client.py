@@ -49,6 +49,7 @@ from raftchan.errors import (
     CommitUnknown,
     DaskUnavailable,
     FutureLost,
+    LimitExceeded,
     MemberExists,
     MemberNotFound,
     NodeNotTrusted,
@@ -307,7 +308,7 @@ class _Link:
                 self.refused = exc
                 return
             except _DIAL_ERRORS as exc:
-                self.last_error = f"{address}: {exc or type(exc).__name__}"
+                self.last_error = f"{address}: {str(exc) or type(exc).__name__}"
                 logger.debug("connecting failed: %s", self.last_error)
                 await asyncio.sleep(backoff.next_delay())
                 continue
@@ -584,17 +585,36 @@ class _Outbox:
                 )
             )
 
-    def refuse(self, batch: _Batch, error: RaftchanError) -> None:
-        """The cluster refused the batch for a reason that a retry would not change."""
+    def refuse(self, batch: _Batch, error: RaftchanError) -> bool:
+        """The cluster refused the batch for a reason that a retry would not change.
+
+        Returns True when the node refused one item of it (too large for the node): only
+        that item is answered with the error, and the caller must send the rest again.
+        """
         if batch.session != self.session:
             # Answer from before a session change: the items were renumbered and will get
             # their own answer in the new session.
-            return
+            return False
         if batch.seq == 1 and not isinstance(error, _STATE_REFUSALS):
             # Refused before reaching the replicated state, so the state never created
             # this session; see expire().
             self._unborn = True
+        position = error.details.get("item") if isinstance(error, LimitExceeded) else None
+        if isinstance(position, int) and 0 <= position < len(batch.items):
+            # The node checks items before the state sees the request, so none of the
+            # batch was stored and its sequence numbers were not used: the others are sent
+            # again, and the state's "sequence gap" at the refused item's number moves
+            # what follows it into a new session (see gap()).
+            item = batch.items[position]
+            if item.ticket in self._pending:
+                self._fail([item], _item_too_large(batch.channel, len(item.data), error))
+            return True
         self._fail([item for item in batch.items if item.ticket in self._pending], error)
+        return False
+
+    def unborn(self, batch: _Batch) -> bool:
+        """Whether ``batch``'s session never reached the state (see :meth:`expire`)."""
+        return batch.session == self.session and self._unborn
 
     def expire(self, batch: _Batch, error: RaftchanError) -> None:
         """The state does not know this session: what was sent under it has an unknown outcome.
@@ -662,6 +682,18 @@ class _Outbox:
             return None
         self._errors = [entry for entry in self._errors if entry[0] > through]
         return min(covered, key=lambda entry: entry[0])[1]
+
+
+def _item_too_large(channel: str, size: int, error: RaftchanError) -> LimitExceeded:
+    limit = error.details.get("max_item_bytes", "?")
+    return LimitExceeded(
+        f"an item of {size} bytes appended to {channel!r} exceeds the node's "
+        f"max_item_bytes={limit}: not stored (the appends around it were sent on)",
+        channel=channel,
+        limit="max_item_bytes",
+        size=size,
+        max_item_bytes=limit,
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -1098,6 +1130,8 @@ class AsyncClient:
         )
         self.codec = codec or default_codec(limits.max_item_bytes, dask_client)
         self.limits = limits
+        #: max_item_bytes as the node the appends last went to announced it (see _prepare).
+        self._node_max_item_bytes: int | None = None
         self.max_in_flight = max_in_flight
         self.poll_wait = min(poll_wait, limits.max_poll_wait)
         self._credentials = _Credentials(resolve_token(token), client_ssl_context(tls))
@@ -1304,7 +1338,19 @@ class AsyncClient:
         self._check_open()
         if channel in self._stopped:
             raise ChannelStopped(f"channel {channel!r} is stopped", channel=channel)
-        return self.codec.encode_items(channel, items)
+        datas = self.codec.encode_items(channel, items)
+        # The bound the node last connected to announced, if lower than the codec's: an
+        # item above it would only be refused once it reached the node.
+        limit = self._node_max_item_bytes
+        for data in datas:
+            if limit is not None and len(data.data) > limit:
+                raise LimitExceeded(
+                    f"item of {len(data.data)} bytes exceeds the node's max_item_bytes={limit}",
+                    limit="max_item_bytes",
+                    size=len(data.data),
+                    max_item_bytes=limit,
+                )
+        return datas
 
     def _enqueue(self, channel: str, datas: list[Encoded]) -> int:
         """Queue encoded items (on the loop's thread), wake the sender; the last ticket."""
@@ -1514,6 +1560,7 @@ class AsyncClient:
     def _send_batches(self, conn: _Connection) -> None:
         # Fit the batches to the smaller of our limits and the node's.
         node = conn.node_limits
+        self._node_max_item_bytes = node.get("max_item_bytes")
         max_frame = min(self.limits.max_frame_bytes, node.get("max_frame_bytes", 1 << 62))
         max_items = min(self.limits.max_batch_items, node.get("max_batch_items", 1 << 62))
         max_bytes = max_frame - _APPEND_OVERHEAD
@@ -1542,7 +1589,12 @@ class AsyncClient:
         elif isinstance(error, Closed):
             return
         elif isinstance(error, CommitUnknown) and error.details.get("session_expired"):
-            logger.warning("the cluster forgot this client's session: %s", error)
+            if self._outbox.unborn(batch):
+                # Routine: its first request was refused by a node, so the state never
+                # had the session; nothing is lost (see _Outbox.expire).
+                logger.debug("starting a new session: %s", error)
+            else:
+                logger.warning("the cluster forgot this client's session: %s", error)
             self._outbox.expire(batch, error)
             self._restart_sending()
         elif _is_retryable(error):
@@ -1550,7 +1602,9 @@ class AsyncClient:
         else:
             if isinstance(error, ChannelStopped):
                 self._stopped.add(batch.channel)
-            self._outbox.refuse(batch, error)
+            if self._outbox.refuse(batch, error):
+                self._outbox.rewind()
+                self._in_flight = 0
         self._notify_flushers()
         self._sender_wake.set()
 

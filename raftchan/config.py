@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from raftchan import errors
 from raftchan.compaction import DEFAULT_GROWTH, DEFAULT_MIN_BYTES
 from raftchan.limits import DEFAULT_LIMITS, Limits
 
@@ -14,8 +15,9 @@ from raftchan.limits import DEFAULT_LIMITS, Limits
 ADDRESS_ENV = "RAFTCHAN_ADDRESS"
 
 
-class ConfigError(ValueError):
-    """A node or client was configured in a way that cannot work; the message says why."""
+# Defined with the other errors (every error derives from RaftchanError); the entry
+# points import it from here.
+ConfigError = errors.ConfigError
 
 
 def split_address(address: str, *, allow_zero: bool = False) -> tuple[str, int]:
@@ -27,6 +29,10 @@ def split_address(address: str, *, allow_zero: bool = False) -> tuple[str, int]:
     lowest = 0 if allow_zero else 1
     if not sep or not host or not port.isdigit() or not lowest <= int(port) < 65536:
         raise ConfigError(f"address {address!r} is not HOST:PORT")
+    if "/" in host:
+        # tcp://H:P, as Dask writes its scheduler's address, would become a host name
+        # that no resolver knows, and every call would wait out its timeout.
+        raise ConfigError(f"address {address!r} is not HOST:PORT (no scheme or path)")
     return host.strip("[]"), int(port)
 
 

@@ -21,6 +21,8 @@ Every error raftchan raises derives from :class:`RaftchanError`. The families ar
   rules; nothing stored was changed.
 - :class:`MembershipError` and its subclasses: a membership change was refused; the
   cluster's membership did not change.
+- :class:`ConfigError` (also a ``ValueError``): a client or node was given settings that
+  cannot work (a malformed or missing address, say); nothing was sent.
 
 Each error that travels over the wire has a stable ``code`` string (see
 :data:`ERROR_CODES`), so nodes and clients of different versions agree on meaning.
@@ -198,6 +200,15 @@ class MembershipChangeInProgress(MembershipError):
     changes membership safely only one node at a time."""
 
     code = "membership_change_in_progress"
+
+
+class ConfigError(RaftchanError, ValueError):
+    """A node or client was configured in a way that cannot work; the message says why.
+
+    Raised before anything is sent (a client) or bound (a node); never sent over the wire.
+    """
+
+    code = "config_error"
 
 
 ERROR_CODES: dict[str, type[RaftchanError]] = {

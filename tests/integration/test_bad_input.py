@@ -284,7 +284,7 @@ def test_oversized_item_is_refused_by_client_and_by_node(
         assert caught.value.details.get("limit") == "max_item_bytes"
         assert list(chan.data) == kept
 
-    # The same by hand: the node names the limit and keeps the connection.
+    # The same by hand: the node names the limit (and the item) and keeps the connection.
     leader = leader_index(cluster)
     connection = raw(cluster.client_addresses[leader])
     response = connection.request(
@@ -298,6 +298,7 @@ def test_oversized_item_is_refused_by_client_and_by_node(
     )
     error = assert_error(response, "limit_exceeded")
     assert error["details"].get("limit") == "max_item_bytes", error
+    assert error["details"].get("item") == 1, error
     assert error["details"].get("size") == DEFAULT_LIMITS.max_item_bytes + 1, error
     assert raw_read(connection, KEPT) == kept
     assert_node_serves(cluster, leader, kept)
@@ -337,6 +338,35 @@ GARBAGE: list[tuple[str, bool, bytes]] = [
     ("wrong-version", False, protocol.encode_frame({"type": "hello", "version": 99})),
     ("hello-without-version", False, protocol.encode_frame({"type": "hello"})),
 ]
+
+
+@pytest.mark.parametrize("position", [0, 2])
+def test_an_item_the_node_refuses_is_the_only_one_not_stored(
+    cluster: LocalCluster, position: int
+) -> None:
+    """Appends batched with an item the node refuses are stored, in order, and flush
+    names the refused one; once the client knows the node's bound it refuses at append."""
+    too_big = b"x" * DEFAULT_LIMITS.max_item_bytes
+    unchecked = ItemCodec(max_item_bytes=None)  # as a client assuming a larger limit
+    channel = f"neighbours-{position}"
+    good = ["a", "b", "c"]
+    with raftchan.Client(cluster.addresses, timeout=CLIENT_TIMEOUT, codec=unchecked) as client:
+        chan = client.channel(channel)
+        # One batch, the session's first: at position 0 the refused item holds its seq 1.
+        chan.extend([*good[:position], too_big, *good[position:]])
+        with pytest.raises(raftchan.LimitExceeded) as caught:
+            chan.flush()
+        assert caught.value.details.get("size") == len(encode_item(too_big))
+        assert channel in str(caught.value)
+        chan.append("d")
+        chan.flush()
+        assert list(chan.data) == [*good, "d"]
+
+        # The client now knows the node's bound and refuses such an item at once.
+        with pytest.raises(raftchan.LimitExceeded):
+            chan.append(too_big)
+        chan.flush()
+        assert len(chan) == len(good) + 1
 
 
 def test_garbage_gets_protocol_error_and_close(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
+
 import raftchan
 from raftchan import errors
 
@@ -44,3 +46,11 @@ def test_client_api_is_exported() -> None:
 
 def test_version() -> None:
     assert raftchan.__version__ == "0.1.0"
+
+
+def test_configuration_errors_are_raftchan_errors_and_value_errors() -> None:
+    for bad in ("no-port-here", "tcp://127.0.0.1:7101", "127.0.0.1:0", ""):
+        with pytest.raises(raftchan.ConfigError) as caught:
+            raftchan.Client(bad)
+        assert isinstance(caught.value, raftchan.RaftchanError)
+        assert isinstance(caught.value, ValueError)  # what it was before it joined the tree

@@ -401,7 +401,9 @@ def test_an_item_over_max_item_bytes_names_the_limit() -> None:
     wire = {**_wire("append"), "items": [b"ok", b"x" * 11]}
     with pytest.raises(LimitExceeded) as caught:
         parse_request(wire, Limits(max_item_bytes=10))
-    assert caught.value.details == {"id": wire["id"], "limit": "max_item_bytes", "size": 11}
+    assert caught.value.details == {
+        "id": wire["id"], "limit": "max_item_bytes", "size": 11, "item": 1, "max_item_bytes": 10,
+    }  # fmt: skip
     assert "item 1" in str(caught.value) and "max_item_bytes=10" in str(caught.value)
     assert isinstance(parse_request(wire, Limits(max_item_bytes=11)), Append)
 
