@@ -32,6 +32,7 @@ import os
 import random
 import ssl
 import sys
+import threading
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -415,12 +416,41 @@ class _FlushWaiters:
 # The outbox: appends from queueing to their answer (pure logic, no I/O)
 
 
+#: Who made an append, or waits in a flush: the asyncio task, or else the thread.
+_Caller = tuple[str, int]
+
+
+def _caller() -> _Caller:
+    """The calling task (on an event loop) or thread: a refusal is raised to its maker."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no event loop in this thread
+        task = None
+    return ("thread", threading.get_ident()) if task is None else ("task", id(task))
+
+
+@dataclass(eq=False)
+class _Refusal:
+    """An append the cluster refused (or stored with lost futures), until reported."""
+
+    ticket: int  # the first refused item's ticket
+    error: RaftchanError
+    owner: _Caller  # who made the append: always told, by its next flush covering it
+    told_other: bool = False  # raised once to a flush of another caller already
+
+
+#: Refusals kept for an owner that has not flushed since, beyond those its flushes took:
+#: a thread that appends and never flushes must not grow the client without bound.
+_MAX_KEPT_REFUSALS = 1000
+
+
 @dataclass(eq=False)
 class _Item:
     ticket: int  # position in this client's append order; never changes
     seq: int  # sequence number within the current session
     channel: str
     data: bytes
+    owner: _Caller = ("thread", 0)  # who appended it (see _Refusal)
     sent: bool = False  # sent at least once under the current session
     keys: tuple[bytes, ...] = ()  # future keys the item references (see codec.Encoded)
     # The referenced objects (Dask futures): the writer's own references keep them alive
@@ -475,7 +505,9 @@ class _Outbox:
         self._unsent: deque[_Item] = deque()
         self._last_ticket = 0
         self._next_seq = 1
-        self._errors: list[tuple[int, RaftchanError]] = []
+        self._errors: list[_Refusal] = []
+        #: The refusals of watched tickets (``put``), reported by the put alone.
+        self.refused: dict[int, RaftchanError] = {}
         #: The session's seq 1 was refused before reaching the state (see expire()).
         self._unborn = False
         #: Tickets whose index the caller waits for (``put``), and the indexes they got.
@@ -492,8 +524,10 @@ class _Outbox:
     def pending(self) -> int:
         return len(self._pending)
 
-    def add(self, channel: str, datas: Iterable[bytes | Encoded]) -> int:
-        """Queue encoded items for ``channel``; return the ticket of the last one."""
+    def add(
+        self, channel: str, datas: Iterable[bytes | Encoded], owner: _Caller = ("thread", 0)
+    ) -> int:
+        """Queue encoded items for ``channel``, made by ``owner``; the last one's ticket."""
         for data in datas:
             self._last_ticket += 1
             if isinstance(data, Encoded):
@@ -502,11 +536,12 @@ class _Outbox:
                     self._next_seq,
                     channel,
                     data.data,
+                    owner=owner,
                     keys=data.keys,
                     refs=data.refs,
                 )
             else:
-                item = _Item(self._last_ticket, self._next_seq, channel, data)
+                item = _Item(self._last_ticket, self._next_seq, channel, data, owner=owner)
             self._next_seq += 1
             self._pending[item.ticket] = item
             self._unsent.append(item)
@@ -573,17 +608,13 @@ class _Outbox:
                 self.indexes[item.ticket] = indexes[position]
         if lost and answered:
             names = ", ".join(_key_repr(key) for key in lost)
-            self._errors.append(
-                (
-                    answered[0].ticket,
-                    FutureLost(
-                        f"appended to {batch.channel!r}, but the Dask scheduler did not know "
-                        f"the future(s) {names}: stored and marked lost",
-                        channel=batch.channel,
-                        keys=[_key_repr(key) for key in lost],
-                    ),
-                )
+            error = FutureLost(
+                f"appended to {batch.channel!r}, but the Dask scheduler did not know "
+                f"the future(s) {names}: stored and marked lost",
+                channel=batch.channel,
+                keys=[_key_repr(key) for key in lost],
             )
+            self._record(answered, error)
 
     def refuse(self, batch: _Batch, error: RaftchanError) -> bool:
         """The cluster refused the batch for a reason that a retry would not change.
@@ -657,11 +688,22 @@ class _Outbox:
         self._unsent = deque(self._pending.values())
 
     def _fail(self, items: list[_Item], error: RaftchanError) -> None:
-        if not items:
-            return
         for item in items:
             self._pending.pop(item.ticket, None)
-        self._errors.append((items[0].ticket, error))
+        self._record(items, error)
+
+    def _record(self, items: list[_Item], error: RaftchanError) -> None:
+        """Keep ``error`` for the flushes that must raise it: one record per maker."""
+        first: dict[_Caller, int] = {}
+        for item in items:
+            if item.ticket in self.watched:
+                self.refused[item.ticket] = error  # its put raises it
+            else:
+                first.setdefault(item.owner, item.ticket)
+        self._errors.extend(_Refusal(ticket, error, owner) for owner, ticket in first.items())
+        told = [r for r in self._errors if r.told_other]
+        for refusal in told[: max(0, len(self._errors) - _MAX_KEPT_REFUSALS)]:
+            self._errors.remove(refusal)
 
     def _rotate(self, renumber: list[_Item]) -> None:
         """Start a new session; ``renumber`` (unanswered, in order) get numbers 1, 2, ..."""
@@ -675,13 +717,26 @@ class _Outbox:
             self._next_seq += 1
         self.rewind()
 
-    def take_error(self, through: int) -> RaftchanError | None:
-        """The first recorded error of appends up to ticket ``through``; forgets all of those."""
-        covered = [entry for entry in self._errors if entry[0] <= through]
+    def take_error(
+        self, through: int, caller: _Caller = ("thread", 0)
+    ) -> RaftchanError | None:
+        """The error a flush of ``caller`` covering tickets up to ``through`` raises.
+
+        That is the first refusal up to there that ``caller`` made, or that no flush has
+        raised yet. Each refusal is raised to its maker once, and to one other caller once
+        (the first flush covering it, if another's): a flush covers every earlier append
+        of the client, and the caller that made the refused append always learns of it.
+        """
+        covered = [r for r in self._errors if r.ticket <= through]
         if not covered:
             return None
-        self._errors = [entry for entry in self._errors if entry[0] > through]
-        return min(covered, key=lambda entry: entry[0])[1]
+        news = [r for r in covered if r.owner == caller or not r.told_other]
+        for refusal in covered:
+            if refusal.owner == caller:
+                self._errors.remove(refusal)
+            else:
+                refusal.told_other = True
+        return min(news, key=lambda r: r.ticket).error if news else None
 
 
 def _item_too_large(channel: str, size: int, error: RaftchanError) -> LimitExceeded:
@@ -1209,14 +1264,26 @@ class AsyncClient:
 
         Returns only once all of them are committed. If some were refused, raises the
         first such error (:class:`~raftchan.errors.ChannelStopped`,
-        :class:`~raftchan.errors.LimitExceeded`, or :class:`CommitUnknown` if the cluster
-        forgot this client's session) once, after all were answered. Raises
-        :class:`Timeout` when ``timeout`` (seconds; default the client's) passes first:
-        the unanswered appends stay queued and keep being retried, and a later ``flush``
-        waits for them again.
+        :class:`~raftchan.errors.LimitExceeded`, :class:`~raftchan.errors.FutureLost`, or
+        :class:`CommitUnknown` if the cluster forgot this client's session), after all
+        were answered. A refusal is raised once to the task (or thread) that made the
+        refused append, by its next flush, and once to the first flush of anyone else
+        that covers it. Raises :class:`Timeout` when ``timeout`` (seconds; default the
+        client's) passes first: the unanswered appends stay queued and keep being
+        retried, and a later ``flush`` waits for them again.
         """
+        await self._flush(timeout, _caller())
+
+    async def _flush(self, timeout: float | None, caller: _Caller) -> None:
         self._check_open()
         target = self._outbox.last_ticket
+        await self._answered_through(target, timeout)
+        error = self._outbox.take_error(target, caller)
+        if error is not None:
+            raise error
+
+    async def _answered_through(self, target: int, timeout: float | None) -> None:
+        """Wait until every append up to ticket ``target`` is answered; Timeout if not."""
         if self._outbox.done_through() < target:
             self._ensure_sender()
             loop = asyncio.get_running_loop()
@@ -1236,9 +1303,6 @@ class AsyncClient:
                     f"(they stay queued and keep being retried{cause})",
                     unanswered=unanswered,
                 ) from None
-        error = self._outbox.take_error(target)
-        if error is not None:
-            raise error
 
     async def status(self, timeout: float | None = None) -> list[dict[str, Any]]:
         """Ask every known node for its status; no leader is needed.
@@ -1327,7 +1391,7 @@ class AsyncClient:
     def _append(self, channel: str, items: Iterable[Any]) -> None:
         datas = self._prepare(channel, items)
         if datas:
-            self._enqueue(channel, datas)
+            self._enqueue(channel, datas, _caller())
 
     def _prepare(self, channel: str, items: Iterable[Any]) -> list[Encoded]:
         """Check an append may go ahead and encode its items; safe from any thread.
@@ -1352,21 +1416,26 @@ class AsyncClient:
                 )
         return datas
 
-    def _enqueue(self, channel: str, datas: list[Encoded]) -> int:
+    def _enqueue(self, channel: str, datas: list[Encoded], owner: _Caller) -> int:
         """Queue encoded items (on the loop's thread), wake the sender; the last ticket."""
         self._check_open()
-        ticket = self._outbox.add(channel, datas)
+        ticket = self._outbox.add(channel, datas, owner)
         self._ensure_sender()
         return ticket
 
     async def _put(self, channel: str, item: Any, timeout: float | None) -> int:
-        ticket = self._enqueue(channel, self._prepare(channel, (item,)))
+        ticket = self._enqueue(channel, self._prepare(channel, (item,)), _caller())
         self._outbox.watched.add(ticket)
         try:
-            await self.flush(timeout)
+            # Its own answer only: a refusal of another append is left to a flush, or a
+            # put whose item was stored would raise, and a retry of it store it twice.
+            await self._answered_through(ticket, timeout)
+            error = self._outbox.refused.pop(ticket, None)
             index = self._outbox.indexes.pop(ticket, None)
         finally:
             self._outbox.watched.discard(ticket)
+        if error is not None:
+            raise error
         if index is None:
             # Stored, as flush says, but answered without its index (a session renumbering
             # settled it from the state's sequence alone).
@@ -1770,11 +1839,14 @@ class AsyncChannel:
         await self._client.flush(timeout)
 
     async def put(self, item: Any, timeout: float | None = None) -> int:
-        """Append ``item``, wait as :meth:`flush` does, and return the index it was stored at.
+        """Append ``item``, wait until it and every earlier append are answered, and return
+        the index it was stored at.
 
-        Raises what ``append`` and ``flush`` raise (a refusal of any earlier append of
-        this client included). After :class:`Timeout` the item stays queued and is still
-        stored at most once.
+        Raises what ``append`` raises, and what ``flush`` would for this item alone: a
+        refusal of it (:class:`~raftchan.errors.ChannelStopped`, ...; it was not stored),
+        or :class:`~raftchan.errors.FutureLost` (stored, its future marked lost). Refusals
+        of other appends are left to the next ``flush``. After :class:`Timeout` the item
+        stays queued and is still stored at most once.
         """
         return await self._client._put(self.name, item, timeout)
 

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Generator, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from raftchan.client import AsyncChannel, AsyncClient, RetryPolicy
+from raftchan.client import AsyncChannel, AsyncClient, RetryPolicy, _Caller, _caller
 from raftchan.codec import Encoded, ItemCodec
 from raftchan.errors import Closed
 from raftchan.limits import DEFAULT_LIMITS, Limits
@@ -80,7 +80,7 @@ class Client:
             target=_run_forever, args=(self._loop,), name="raftchan-client", daemon=True
         )
         # Appends waiting to be handed to the loop, in the order they were made.
-        self._handoff: list[tuple[str, list[Encoded]]] = []
+        self._handoff: list[tuple[str, list[Encoded], _Caller]] = []
         self._handoff_lock = threading.Lock()
         self._closed = False
         self._thread.start()
@@ -115,8 +115,10 @@ class Client:
 
     def flush(self, timeout: float | None = None) -> None:
         """Block until every earlier append of this client is answered; see
-        :meth:`AsyncClient.flush` (raises the first refusal, or Timeout)."""
-        self._run(self._async.flush(timeout))
+        :meth:`AsyncClient.flush` (raises the first refusal, or Timeout). A refusal is
+        raised to the thread that made the refused append, by its next flush, and once
+        to the first flush of any other thread."""
+        self._run(self._async._flush(timeout, _caller()))
 
     def status(self, timeout: float | None = None) -> list[dict[str, Any]]:
         """Every known node's status; see :meth:`AsyncClient.status`."""
@@ -161,10 +163,11 @@ class Client:
         datas = self._async._prepare(channel, items)
         if not datas:
             return
+        owner = _caller()  # this thread: its flush raises a refusal of these appends
         with self._handoff_lock:
             # One wake-up of the loop per burst of appends, not one per item.
             first = not self._handoff
-            self._handoff.append((channel, datas))
+            self._handoff.append((channel, datas, owner))
         if first:
             try:
                 self._loop.call_soon_threadsafe(self._drain_handoff)
@@ -175,10 +178,10 @@ class Client:
         """On the loop: queue handed-off appends in the order they were made."""
         with self._handoff_lock:
             batch, self._handoff = self._handoff, []
-        for channel, datas in batch:
+        for channel, datas, owner in batch:
             if self._async.closed:
                 return
-            self._async._enqueue(channel, datas)
+            self._async._enqueue(channel, datas, owner)
 
     def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         """Run ``coro`` on the loop and wait for its result, after all earlier appends."""
@@ -248,12 +251,14 @@ class Channel:
         self._client._append(self.name, items)
 
     def flush(self, timeout: float | None = None) -> None:
-        """Block until every earlier append of this client (any channel) is answered."""
+        """Block until every earlier append of this client (any channel) is answered;
+        raises a refusal or Timeout as :meth:`Client.flush` does."""
         self._client.flush(timeout)
 
     def put(self, item: Any, timeout: float | None = None) -> int:
-        """Append ``item``, block as :meth:`flush` does, return its index; see
-        :meth:`AsyncChannel.put <raftchan.client.AsyncChannel.put>`."""
+        """Append ``item``, block until it and every earlier append are answered, return
+        its index; raises only this item's refusal (others are left to :meth:`flush`).
+        See :meth:`AsyncChannel.put <raftchan.client.AsyncChannel.put>`."""
         return self._client._run(self._channel.put(item, timeout))
 
     @property

@@ -240,6 +240,64 @@ def test_put_returns_the_index_each_item_was_stored_at(cluster: LocalCluster) ->
             chan.put("late")
 
 
+def _stopped_elsewhere(cluster: LocalCluster, name: str) -> None:
+    """Stop channel ``name`` through another client: the writers' client does not know."""
+    with raftchan.Client(cluster.addresses, timeout=OP_TIMEOUT) as other:
+        other.channel(name).stop()
+
+
+def test_a_refusal_reaches_the_thread_that_made_the_append(cluster: LocalCluster) -> None:
+    with raftchan.Client(cluster.addresses, timeout=OP_TIMEOUT) as client:
+        stopped, open_ = client.channel("refused-in-a-thread"), client.channel("open-one")
+        _stopped_elsewhere(cluster, stopped.name)
+        appended, flushed_by_other = threading.Event(), threading.Event()
+        seen: list[BaseException | None] = []
+
+        def maker() -> None:
+            stopped.append("refused")
+            appended.set()
+            flushed_by_other.wait(OP_TIMEOUT)
+            try:
+                stopped.flush()
+                seen.append(None)
+            except raftchan.RaftchanError as exc:
+                seen.append(exc)
+
+        thread = threading.Thread(target=maker)
+        thread.start()
+        assert appended.wait(OP_TIMEOUT)
+        open_.append("fine")
+        # This thread's flush covers the other's append too (every earlier append of
+        # the client): it raises the refusal once ...
+        with pytest.raises(raftchan.ChannelStopped):
+            open_.flush()
+        open_.flush()
+        flushed_by_other.set()
+        thread.join(OP_TIMEOUT)
+        # ... and the thread that made the append learns of it all the same.
+        assert len(seen) == 1 and isinstance(seen[0], raftchan.ChannelStopped), seen
+        assert list(open_.data) == ["fine"]
+
+
+def test_a_put_raises_only_its_own_refusal(cluster: LocalCluster) -> None:
+    with raftchan.Client(cluster.addresses, timeout=OP_TIMEOUT) as client:
+        stopped, kept = client.channel("refused-before-a-put"), client.channel("put-after")
+        _stopped_elsewhere(cluster, stopped.name)
+        stopped.append("refused")
+        # Stored: the put says so, and leaves the other append's refusal to flush (had
+        # it raised, a caller retrying the put would store "important" twice).
+        assert kept.put("important") == 0
+        with pytest.raises(raftchan.ChannelStopped):
+            client.flush()
+        assert list(kept.data) == ["important"]
+        # Its own refusal, which only the cluster knows, it does raise, and only once.
+        late = client.channel("stopped-under-a-put")
+        _stopped_elsewhere(cluster, late.name)
+        with pytest.raises(raftchan.ChannelStopped):
+            late.put("refused too")
+        client.flush()
+
+
 def test_an_iteration_on_a_cut_off_follower_moves_on_and_sees_the_stop(tmp_path: Path) -> None:
     local = LocalCluster(3, base_dir=tmp_path / "cluster", fault_injection=True)
     try:

@@ -24,7 +24,14 @@ import pytest
 
 import raftchan
 from raftchan import protocol
-from raftchan.client import AsyncClient, Backoff, RetryPolicy, _AddressBook, _Outbox
+from raftchan.client import (
+    _MAX_KEPT_REFUSALS,
+    AsyncClient,
+    Backoff,
+    RetryPolicy,
+    _AddressBook,
+    _Outbox,
+)
 from raftchan.config import ADDRESS_ENV, ConfigError
 from raftchan.errors import (
     ChannelStopped,
@@ -218,6 +225,59 @@ def test_take_error_leaves_later_errors_for_a_later_flush() -> None:
     outbox.refuse(late, LimitExceeded("late"))
     assert outbox.take_error(flush_point) is None
     assert isinstance(outbox.take_error(outbox.last_ticket), LimitExceeded)
+
+
+ALICE = ("thread", 1)
+BOB = ("thread", 2)
+
+
+def test_a_refusal_reaches_its_maker_even_after_another_callers_flush_took_it() -> None:
+    outbox = _Outbox(_sessions())
+    outbox.add("a", [b"alice's"], ALICE)
+    batch = outbox.next_batch(10, 1000)
+    assert batch
+    outbox.refuse(batch, ChannelStopped("stopped"))
+    # Bob's flush covers Alice's append: it raises once; Alice's own flush raises too.
+    assert isinstance(outbox.take_error(outbox.last_ticket, BOB), ChannelStopped)
+    assert outbox.take_error(outbox.last_ticket, BOB) is None
+    assert isinstance(outbox.take_error(outbox.last_ticket, ALICE), ChannelStopped)
+    assert outbox.take_error(outbox.last_ticket, ALICE) is None
+    assert outbox.take_error(outbox.last_ticket, BOB) is None
+
+
+def test_a_batch_of_two_makers_refused_is_raised_to_each() -> None:
+    outbox = _Outbox(_sessions())
+    outbox.add("a", [b"1"], ALICE)
+    outbox.add("a", [b"2"], BOB)
+    batch = outbox.next_batch(10, 1000)
+    assert batch and len(batch.items) == 2
+    outbox.refuse(batch, ChannelStopped("stopped"))
+    assert isinstance(outbox.take_error(outbox.last_ticket, ALICE), ChannelStopped)
+    assert isinstance(outbox.take_error(outbox.last_ticket, BOB), ChannelStopped)
+    assert outbox.take_error(outbox.last_ticket, ALICE) is None
+    assert outbox.take_error(outbox.last_ticket, BOB) is None
+
+
+def test_a_watched_items_refusal_goes_to_its_put_alone() -> None:
+    outbox = _Outbox(_sessions())
+    ticket = outbox.add("a", [b"put"], ALICE)
+    outbox.watched.add(ticket)
+    batch = outbox.next_batch(10, 1000)
+    assert batch
+    outbox.refuse(batch, ChannelStopped("stopped"))
+    assert isinstance(outbox.refused.pop(ticket), ChannelStopped)
+    assert outbox.take_error(outbox.last_ticket, ALICE) is None
+
+
+def test_refusals_told_to_others_are_not_kept_without_bound() -> None:
+    outbox = _Outbox(_sessions())
+    for _ in range(3 * _MAX_KEPT_REFUSALS):
+        outbox.add("a", [b"x"], ALICE)  # Alice never flushes
+        batch = outbox.next_batch(10, 1000)
+        assert batch
+        outbox.refuse(batch, ChannelStopped("stopped"))
+        outbox.take_error(outbox.last_ticket, BOB)
+    assert len(outbox._errors) <= _MAX_KEPT_REFUSALS + 1
 
 
 def test_rewind_resends_everything_unanswered_in_order_with_original_seqs() -> None:
