@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from raftchan.codec import SCALAR_TYPES, Encoded, ItemCodec
+from raftchan.config import parse_addresses
 from raftchan.errors import FutureLost, ItemNotEncodable
 from raftchan.limits import DEFAULT_LIMITS
 
@@ -374,18 +375,36 @@ def _channel(self: DaskClient, name: str, maxlen: int | None = None) -> Any:
     return rc.channel(name, maxlen=maxlen)
 
 
-def install(client: DaskClient | None = None) -> None:
+def install(
+    client: DaskClient | None = None, address: str | list[str] | tuple[str, ...] | None = None
+) -> None:
     """Give ``distributed.Client`` a ``channel(name, maxlen=None)`` method (idempotent).
 
-    With ``client``, also run this on every worker of that client's cluster (workers that
-    join later need it too: import a module that calls it, or a worker plugin), so that
-    ``worker_client().channel(...)`` works inside tasks.
+    ``address``: the raftchan cluster's client addresses; when given, ``channel`` uses
+    them in this process (through the Dask config key ``raftchan.address``).
+
+    With ``client``, also do this on every worker of that client's cluster, so that
+    ``worker_client().channel(...)`` works inside tasks: the address (``address``, else
+    ``$RAFTCHAN_ADDRESS`` or ``raftchan.address`` here) is resolved in this process and
+    sent along, so the workers need neither. Raises
+    :class:`~raftchan.errors.ConfigError` if there is none, before any worker is
+    touched. Workers that join later need the same: a worker plugin, or a module that
+    calls this.
     """
     from distributed import Client
 
-    Client.channel = _channel  # type: ignore[attr-defined]
     if client is not None:
-        client.run(install)
+        resolved = ",".join(parse_addresses(address))  # ConfigError here, not in tasks
+        client.run(_install_on_worker, resolved)
+    Client.channel = _channel  # type: ignore[attr-defined]
+    if address is not None:
+        import dask.config
+
+        dask.config.set({"raftchan.address": ",".join(parse_addresses(address))})
+
+
+def _install_on_worker(address: str) -> None:
+    install(address=address)
 
 
 def uninstall() -> None:

@@ -84,7 +84,7 @@ class Client:
         self._handoff_lock = threading.Lock()
         self._closed = False
         self._thread.start()
-        self._finalizer = weakref.finalize(self, _stop_loop, self._loop)
+        self._finalizer = weakref.finalize(self, _stop_loop, self._loop, self._thread)
 
     # -- public API ----------------------------------------------------------------------
 
@@ -350,8 +350,14 @@ def _run_forever(loop: asyncio.AbstractEventLoop) -> None:
         loop.close()
 
 
-def _stop_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """Cancel what still runs on ``loop`` and stop it (from any thread)."""
+#: Seconds a client that was never closed gives its loop to wind down at exit.
+_STOP_WAIT = 2.0
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    """Cancel what still runs on ``loop`` and stop it (from any thread), and wait up to
+    ``_STOP_WAIT`` seconds for ``thread`` to end: at interpreter exit (a client never
+    closed) its tasks were otherwise destroyed pending, each with a message."""
 
     async def cancel_rest() -> None:
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -362,3 +368,5 @@ def _stop_loop(loop: asyncio.AbstractEventLoop) -> None:
 
     with contextlib.suppress(RuntimeError):  # already closed
         asyncio.run_coroutine_threadsafe(cancel_rest(), loop)
+    if threading.current_thread() is not thread:
+        thread.join(_STOP_WAIT)

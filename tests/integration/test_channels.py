@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -296,6 +298,25 @@ def test_a_put_raises_only_its_own_refusal(cluster: LocalCluster) -> None:
         with pytest.raises(raftchan.ChannelStopped):
             late.put("refused too")
         client.flush()
+
+
+def test_a_client_never_closed_ends_quietly_at_exit(cluster: LocalCluster) -> None:
+    """A script that never closes its client (as short examples do) exits cleanly."""
+    script = (
+        "import sys, raftchan\n"
+        "chan = raftchan.Client(sys.argv[1]).channel('never-closed')\n"
+        "chan.append(1)\n"
+        "chan.flush()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, cluster.addresses],
+        capture_output=True,
+        text=True,
+        timeout=OP_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "destroyed but it is pending" not in done.stderr, done.stderr
 
 
 def test_an_iteration_on_a_cut_off_follower_moves_on_and_sees_the_stop(tmp_path: Path) -> None:
