@@ -698,6 +698,20 @@ def _address_option(func: F) -> F:
     return option(func)
 
 
+#: The client's own default (RetryPolicy.timeout), said in --help.
+_DEFAULT_WAIT = "30"
+
+
+def _timeout_option(func: F) -> F:
+    option = click.option(
+        "--timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        metavar="SECONDS",
+        help=f"How long to wait for the cluster, retries included [default: {_DEFAULT_WAIT}].",
+    )
+    return option(func)
+
+
 def _addresses(address: str | None) -> list[str]:
     try:
         return parse_addresses(address)
@@ -706,13 +720,14 @@ def _addresses(address: str | None) -> list[str]:
 
 
 @contextmanager
-def _connected(address: str | None) -> Iterator[Client]:
-    """A raftchan.Client for ``--address``; a RaftchanError becomes a one-line error, exit 1."""
+def _connected(address: str | None, timeout: float | None = None) -> Iterator[Client]:
+    """A raftchan.Client for ``--address`` whose calls wait up to ``timeout`` seconds
+    (``None``: the client's default); a RaftchanError becomes a one-line error, exit 1."""
     addresses = _addresses(address)
     import raftchan
 
     try:
-        with raftchan.Client(addresses) as client:
+        with raftchan.Client(addresses, timeout=timeout) as client:
             yield client
     except RaftchanError as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
@@ -733,17 +748,24 @@ _STATUS_COLUMNS = (
 @cli.command()
 @_address_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def status(address: str | None, as_json: bool) -> None:
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="How long each node may take to connect, and to answer [default: 10].",
+)
+def status(address: str | None, as_json: bool, timeout: float | None) -> None:
     """Show each node's role, term, commit and applied index, lag and readiness, and the leader.
 
     LAG is how many entries the leader has committed that the node has not applied yet
-    ("-" when no reachable node leads).
+    ("-" when no reachable node leads). Below the table, why each unreachable node could
+    not be asked.
 
     Exits with status 1 when no node is reachable.
     """
     addresses = _addresses(address)
     with _connected(address) as client:
-        nodes = [dict(entry) for entry in client.status()]
+        nodes = [dict(entry) for entry in client.status(timeout)]
     for entry, requested in zip(nodes, addresses, strict=False):
         entry.setdefault("client_address", requested)
     leader = leader_of(nodes)
@@ -751,6 +773,9 @@ def status(address: str | None, as_json: bool) -> None:
         click.echo(json.dumps({"leader": leader, "nodes": nodes}, indent=2, default=str))
     else:
         click.echo(format_table(nodes))
+        for entry in nodes:
+            if entry.get("role") == "unreachable":
+                click.echo(f"{entry.get('client_address')}: {entry.get('error') or 'no answer'}")
         click.echo(f"leader: {leader or 'none known'}")
     if all(entry.get("role") == "unreachable" for entry in nodes):
         sys.exit(1)
@@ -772,9 +797,10 @@ _MEMBER_TIMEOUT = 120.0
 @member.command("list")
 @_address_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def member_list(address: str | None, as_json: bool) -> None:
+@_timeout_option
+def member_list(address: str | None, as_json: bool, timeout: float | None) -> None:
     """Show every member's Raft address, name and client address, as the leader has them."""
-    with _connected(address) as client:
+    with _connected(address, timeout) as client:
         answer = client.members()
     if as_json:
         click.echo(json.dumps(answer, indent=2))
@@ -891,15 +917,23 @@ def format_table(nodes: Sequence[Mapping[str, Any]]) -> str:
 @click.argument("values", nargs=-1, required=True)
 @_address_option
 @click.option("--json-values", is_flag=True, help="Parse each VALUE as JSON, not as a string.")
-def append(channel: str, values: tuple[str, ...], address: str | None, json_values: bool) -> None:
-    """Append VALUES to CHANNEL and wait until a majority has committed them."""
+@_timeout_option
+def append(
+    channel: str,
+    values: tuple[str, ...],
+    address: str | None,
+    json_values: bool,
+    timeout: float | None,
+) -> None:
+    """Append VALUES to CHANNEL (created if missing) and wait until a majority has
+    committed them. On a timeout they may still be committed: check with tail."""
     items: list[Any] = list(values)
     if json_values:
         try:
             items = [json.loads(value) for value in values]
         except ValueError as exc:
             raise click.BadParameter(f"not JSON: {exc}", param_hint="VALUES") from None
-    with _connected(address) as client:
+    with _connected(address, timeout) as client:
         chan = client.channel(channel)
         for item in items:
             chan.append(item)
@@ -915,10 +949,16 @@ def append(channel: str, values: tuple[str, ...], address: str | None, json_valu
     "--follow/--no-follow", default=False, show_default=True, help="Keep printing new items."
 )
 @_address_option
-def tail(channel: str, start: int | None, follow: bool, address: str | None) -> None:
-    """Print CHANNEL's items one per line as JSON (from the oldest retained one by default)."""
-    with _connected(address) as client:
-        chan = client.channel(channel)
+@_timeout_option
+def tail(
+    channel: str, start: int | None, follow: bool, address: str | None, timeout: float | None
+) -> None:
+    """Print CHANNEL's items one per line as JSON (from the oldest retained one by default).
+
+    A channel that does not exist is an error (exit 1): tail never creates one.
+    """
+    with _connected(address, timeout) as client:
+        chan = client.channel(channel, create=False)
         items = chan.iterate(start) if follow else chan.read(start=start)
         try:
             for item in items:

@@ -58,6 +58,7 @@ from raftchan.errors import (
     NotLeader,
     ProtocolError,
     RaftchanError,
+    RequestInvalid,
     Timeout,
     TrimmedGap,
     Unauthorized,
@@ -309,7 +310,7 @@ class _Link:
                 self.refused = exc
                 return
             except _DIAL_ERRORS as exc:
-                self.last_error = f"{address}: {str(exc) or type(exc).__name__}"
+                self.last_error = f"{address}: {_dial_error_text(exc)}"
                 logger.debug("connecting failed: %s", self.last_error)
                 await asyncio.sleep(backoff.next_delay())
                 continue
@@ -737,6 +738,13 @@ class _Outbox:
             else:
                 refusal.told_other = True
         return min(news, key=lambda r: r.ticket).error if news else None
+
+
+def _dial_error_text(exc: BaseException) -> str:
+    """Why a dial failed, in words ('Connection refused', not asyncio's errno text)."""
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc) or type(exc).__name__
 
 
 def _item_too_large(channel: str, size: int, error: RaftchanError) -> LimitExceeded:
@@ -1245,18 +1253,32 @@ class AsyncClient:
         return conn.node
 
     async def channel(
-        self, name: str, maxlen: int | None = None, timeout: float | None = None
+        self,
+        name: str,
+        maxlen: int | None = None,
+        timeout: float | None = None,
+        *,
+        create: bool = True,
     ) -> AsyncChannel:
-        """Open channel ``name``, creating it if missing.
+        """Open channel ``name``, creating it if missing (``create=False``: it must exist).
 
         A new channel keeps only its newest ``maxlen`` items (``None``: unbounded). On an
         existing channel a number sets its bound (trimming at once if smaller), while
         ``None`` keeps the bound it has, so readers never lift a writer's bound.
         Raises :class:`~raftchan.errors.LimitExceeded` when the cluster holds its maximum
         number of channels, :class:`~raftchan.errors.RequestInvalid` for a bad name or
-        maxlen, and :class:`NoLeader` / :class:`Timeout` as described in the module docs.
+        maxlen (or a maxlen with ``create=False``, which changes nothing),
+        :class:`~raftchan.errors.ChannelNotFound` with ``create=False`` for a channel
+        that does not exist, and :class:`NoLeader` / :class:`Timeout` as described in
+        the module docs.
         """
-        await self._info_call(protocol.Open(0, name, maxlen), self._deadline(timeout))
+        if create:
+            request: protocol.Request = protocol.Open(0, name, maxlen)
+        elif maxlen is not None:
+            raise RequestInvalid("channel(create=False) opens without changing: no maxlen")
+        else:
+            request = protocol.Info(0, name)
+        await self._info_call(request, self._deadline(timeout))
         return AsyncChannel(self, name)
 
     async def flush(self, timeout: float | None = None) -> None:
@@ -1325,7 +1347,8 @@ class AsyncClient:
         client's) bounds the whole call, retries included; raises Timeout after it.
         """
         self._check_open()
-        return await self._call(protocol.MemberList(0), self._deadline(timeout))
+        answer = await self._call(protocol.MemberList(0), self._deadline(timeout))
+        return {key: value for key, value in answer.items() if key not in ("id", "ok")}
 
     async def add_member(
         self,
@@ -1735,7 +1758,7 @@ class AsyncClient:
             return {
                 "client_address": address,
                 "role": "unreachable",
-                "error": str(exc) or repr(exc),
+                "error": _dial_error_text(exc),
             }
         try:
             future = conn.send(protocol.Status(0), timeout)

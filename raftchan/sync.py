@@ -107,11 +107,17 @@ class Client:
         return self._run(self._async.connect(timeout))
 
     def channel(
-        self, name: str, maxlen: int | None = None, timeout: float | None = None
+        self,
+        name: str,
+        maxlen: int | None = None,
+        timeout: float | None = None,
+        *,
+        create: bool = True,
     ) -> Channel:
-        """Open channel ``name`` (created if missing; ``maxlen`` as in
-        :meth:`AsyncClient.channel`, which also lists the errors)."""
-        return Channel(self, self._run(self._async.channel(name, maxlen, timeout)))
+        """Open channel ``name`` (created if missing, unless ``create=False``; ``maxlen``
+        as in :meth:`AsyncClient.channel`, which also lists the errors)."""
+        opened = self._async.channel(name, maxlen, timeout, create=create)
+        return Channel(self, self._run(opened))
 
     def flush(self, timeout: float | None = None) -> None:
         """Block until every earlier append of this client is answered; see

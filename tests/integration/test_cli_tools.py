@@ -71,6 +71,7 @@ def test_member_list_shows_every_node_and_remove_refusals_exit_1(cluster: LocalC
     done = raftchan_cli("member", "list", "--json", "--address", cluster.addresses)
     assert done.returncode == 0, done.stderr
     listed = json.loads(done.stdout)
+    assert set(listed) == {"members", "leader", "change_pending"}, listed
     text = json.dumps(listed)
     for raft_address in cluster.raft_addresses:
         assert raft_address in text, f"{raft_address} missing from {listed}"
@@ -90,3 +91,24 @@ def test_member_list_shows_every_node_and_remove_refusals_exit_1(cluster: LocalC
         raftchan_cli("member", "list", "--json", "--address", cluster.addresses).stdout
     )
     assert again == listed
+
+
+def test_tail_of_a_missing_channel_fails_and_creates_nothing(cluster: LocalCluster) -> None:
+    done = raftchan_cli("tail", "--address", cluster.addresses, "no-such-channel")
+    assert done.returncode == 1
+    assert "ChannelNotFound" in done.stderr, done.stderr
+    # Reading it did not create it: a second tail fails the same way.
+    again = raftchan_cli("tail", "--address", cluster.addresses, "no-such-channel")
+    assert again.returncode == 1 and "ChannelNotFound" in again.stderr, again.stderr
+
+
+def test_operator_tools_wait_no_longer_than_their_timeout_and_say_why() -> None:
+    dead = "127.0.0.1:1"  # nothing listens on port 1 here: every dial is refused
+    for command in (["append", "c", "v"], ["tail", "c"], ["member", "list"]):
+        done = raftchan_cli(*command, "--address", dead, "--timeout", "1")
+        # Without --timeout each took the client's default 30 s; COMMAND_TIMEOUT bounds it.
+        assert done.returncode == 1, (command, done.stderr)
+        assert "NoLeader" in done.stderr, (command, done.stderr)
+    done = raftchan_cli("status", "--address", dead, "--timeout", "1")
+    assert done.returncode == 1
+    assert f"{dead}: " in done.stdout and "refused" in done.stdout.lower(), done.stdout
