@@ -1332,7 +1332,7 @@ class AsyncClient:
         Returns one dict per address, in order: the node's status fields plus
         ``client_address``; a node that could not be asked gives
         ``{"client_address": addr, "role": "unreachable", "error": str}``. ``timeout``
-        (default ``retry.attempt_timeout``) bounds each node's connect and answer.
+        (default ``retry.attempt_timeout``) bounds each node's connect, and then its answer.
         """
         self._check_open()
         limit = self.retry.attempt_timeout if timeout is None else timeout
