@@ -700,6 +700,8 @@ def _address_option(func: F) -> F:
 
 #: The client's own default (RetryPolicy.timeout), said in --help.
 _DEFAULT_WAIT = "30"
+#: Seconds an operator tool's client may take to close (what it appended is flushed).
+_CLOSE_WAIT = 5.0
 
 
 def _timeout_option(func: F) -> F:
@@ -727,8 +729,12 @@ def _connected(address: str | None, timeout: float | None = None) -> Iterator[Cl
     import raftchan
 
     try:
-        with raftchan.Client(addresses, timeout=timeout) as client:
+        client = raftchan.Client(addresses, timeout=timeout)
+        try:
             yield client
+        finally:
+            # After a timeout, closing must not wait for the cluster all over again.
+            client.close(_CLOSE_WAIT if timeout is None else min(timeout, _CLOSE_WAIT))
     except RaftchanError as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
 

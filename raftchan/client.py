@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import heapq
 import itertools
@@ -33,10 +34,11 @@ import random
 import ssl
 import sys
 import threading
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import msgpack
 
@@ -417,8 +419,9 @@ class _FlushWaiters:
 # The outbox: appends from queueing to their answer (pure logic, no I/O)
 
 
-#: Who made an append, or waits in a flush: the asyncio task, or else the thread.
-_Caller = tuple[str, int]
+#: Who made an append, or waits in a flush: the asyncio task, or else the thread (the
+#: objects themselves: their ids are reused as soon as they are gone).
+_Caller: TypeAlias = "asyncio.Task[Any] | threading.Thread"
 
 
 def _caller() -> _Caller:
@@ -427,20 +430,32 @@ def _caller() -> _Caller:
         task = asyncio.current_task()
     except RuntimeError:  # no event loop in this thread
         task = None
-    return ("thread", threading.get_ident()) if task is None else ("task", id(task))
+    return threading.current_thread() if task is None else task
 
 
-@dataclass(eq=False)
 class _Refusal:
-    """An append the cluster refused (or stored with lost futures), until reported."""
+    """An append the cluster refused (or stored with lost futures), until reported.
 
-    ticket: int  # the first refused item's ticket
-    error: RaftchanError
-    owner: _Caller  # who made the append: always told, by its next flush covering it
-    told_other: bool = False  # raised once to a flush of another caller already
+    Its maker is held weakly: once that task or thread is gone, only others can be told.
+    """
+
+    __slots__ = ("ticket", "error", "_owner", "told_other")
+
+    def __init__(self, ticket: int, error: RaftchanError, owner: _Caller) -> None:
+        self.ticket = ticket  # the first refused item's ticket
+        self.error = error
+        self._owner = weakref.ref(owner)
+        self.told_other = False  # raised to a flush of another caller already
+
+    def made_by(self, caller: _Caller) -> bool:
+        return self._owner() is caller
+
+    @property
+    def orphaned(self) -> bool:
+        return self._owner() is None
 
 
-#: Refusals kept for an owner that has not flushed since, beyond those its flushes took:
+#: Refusals kept for a maker that has not flushed since, once another caller was told:
 #: a thread that appends and never flushes must not grow the client without bound.
 _MAX_KEPT_REFUSALS = 1000
 
@@ -451,7 +466,7 @@ class _Item:
     seq: int  # sequence number within the current session
     channel: str
     data: bytes
-    owner: _Caller = ("thread", 0)  # who appended it (see _Refusal)
+    owner: _Caller | None = None  # who appended it (see _Refusal); None in unit tests
     sent: bool = False  # sent at least once under the current session
     keys: tuple[bytes, ...] = ()  # future keys the item references (see codec.Encoded)
     # The referenced objects (Dask futures): the writer's own references keep them alive
@@ -526,7 +541,7 @@ class _Outbox:
         return len(self._pending)
 
     def add(
-        self, channel: str, datas: Iterable[bytes | Encoded], owner: _Caller = ("thread", 0)
+        self, channel: str, datas: Iterable[bytes | Encoded], owner: _Caller | None = None
     ) -> int:
         """Queue encoded items for ``channel``, made by ``owner``; the last one's ticket."""
         for data in datas:
@@ -578,6 +593,12 @@ class _Outbox:
             if item.ticket not in self._pending:  # answered while queued for a re-send
                 self._unsent.popleft()
                 continue
+            if taken and item.seq != taken[-1].seq + 1:
+                # A hole (a refused item's number): the state numbers a request's items
+                # from its first, so one request across it would store them under numbers
+                # one lower than ours. Sent apart, the part after it meets the state's
+                # "sequence gap" instead (see gap()).
+                break
             taken.append(self._unsent.popleft())
             size += cost
         for item in taken:
@@ -607,7 +628,8 @@ class _Outbox:
             answered.append(item)
             if item.ticket in self.watched and position < len(indexes):
                 self.indexes[item.ticket] = indexes[position]
-        if lost and answered:
+        holders = [item for item in answered if set(item.keys) & set(lost)]
+        if holders:
             names = ", ".join(_key_repr(key) for key in lost)
             error = FutureLost(
                 f"appended to {batch.channel!r}, but the Dask scheduler did not know "
@@ -615,7 +637,7 @@ class _Outbox:
                 channel=batch.channel,
                 keys=[_key_repr(key) for key in lost],
             )
-            self._record(answered, error)
+            self._record(holders, error)
 
     def refuse(self, batch: _Batch, error: RaftchanError) -> bool:
         """The cluster refused the batch for a reason that a retry would not change.
@@ -627,20 +649,23 @@ class _Outbox:
             # Answer from before a session change: the items were renumbered and will get
             # their own answer in the new session.
             return False
-        if batch.seq == 1 and not isinstance(error, _STATE_REFUSALS):
-            # Refused before reaching the replicated state, so the state never created
-            # this session; see expire().
-            self._unborn = True
         position = error.details.get("item") if isinstance(error, LimitExceeded) else None
         if isinstance(position, int) and 0 <= position < len(batch.items):
             # The node checks items before the state sees the request, so none of the
             # batch was stored and its sequence numbers were not used: the others are sent
-            # again, and the state's "sequence gap" at the refused item's number moves
-            # what follows it into a new session (see gap()).
+            # again (never across the refused number, see next_batch), and the state's
+            # "sequence gap" there moves what follows into a new session (see gap()).
             item = batch.items[position]
-            if item.ticket in self._pending:
-                self._fail([item], _item_too_large(batch.channel, len(item.data), error))
+            if item.ticket not in self._pending:
+                return False  # a repeated answer: that refusal was recorded already
+            if item.seq == 1:
+                self._unborn = True  # no request of the session reached the state yet
+            self._fail([item], _item_too_large(batch.channel, len(item.data), error))
             return True
+        if batch.seq == 1 and not isinstance(error, _STATE_REFUSALS):
+            # Refused before reaching the replicated state, so the state never created
+            # this session; see expire().
+            self._unborn = True
         self._fail([item for item in batch.items if item.ticket in self._pending], error)
         return False
 
@@ -695,15 +720,23 @@ class _Outbox:
 
     def _record(self, items: list[_Item], error: RaftchanError) -> None:
         """Keep ``error`` for the flushes that must raise it: one record per maker."""
-        first: dict[_Caller, int] = {}
+        first: dict[int, _Item] = {}
         for item in items:
             if item.ticket in self.watched:
                 self.refused[item.ticket] = error  # its put raises it
             else:
-                first.setdefault(item.owner, item.ticket)
-        self._errors.extend(_Refusal(ticket, error, owner) for owner, ticket in first.items())
-        told = [r for r in self._errors if r.told_other]
-        for refusal in told[: max(0, len(self._errors) - _MAX_KEPT_REFUSALS)]:
+                first.setdefault(id(item.owner), item)
+        for item in first.values():
+            self.keep(item.ticket, error, item.owner)
+
+    def keep(self, ticket: int, error: RaftchanError, owner: _Caller | None) -> None:
+        """Record a refusal of the append ``ticket`` made by ``owner`` (see take_error)."""
+        self._errors.append(_Refusal(ticket, error, owner or threading.main_thread()))
+        # Told to someone else, and its maker gone or silent too long: let it go.
+        spent = [r for r in self._errors if r.told_other and r.orphaned]
+        told = [r for r in self._errors if r.told_other and not r.orphaned]
+        excess = max(0, len(self._errors) - len(spent) - _MAX_KEPT_REFUSALS)
+        for refusal in spent + told[:excess]:
             self._errors.remove(refusal)
 
     def _rotate(self, renumber: list[_Item]) -> None:
@@ -718,31 +751,39 @@ class _Outbox:
             self._next_seq += 1
         self.rewind()
 
-    def take_error(
-        self, through: int, caller: _Caller = ("thread", 0)
-    ) -> RaftchanError | None:
+    def take_error(self, through: int, caller: _Caller | None = None) -> RaftchanError | None:
         """The error a flush of ``caller`` covering tickets up to ``through`` raises.
 
-        That is the first refusal up to there that ``caller`` made, or that no flush has
-        raised yet. Each refusal is raised to its maker once, and to one other caller once
-        (the first flush covering it, if another's): a flush covers every earlier append
-        of the client, and the caller that made the refused append always learns of it.
+        That is the first refusal up to there that ``caller`` made, else the first that
+        no flush of another caller covered yet. Every refusal up to there is then spent
+        for ``caller`` (a flush raises at most one error for all it covers) and for
+        other callers (the first flush of another that covers it raised); each stays
+        only for its maker's next flush, which always raises it: the caller that made
+        the refused append learns of it even if another caller's flush came first.
         """
+        caller = caller or threading.main_thread()
         covered = [r for r in self._errors if r.ticket <= through]
-        if not covered:
-            return None
-        news = [r for r in covered if r.owner == caller or not r.told_other]
+        own = [r for r in covered if r.made_by(caller)]
+        untold = [r for r in covered if not r.told_other and not r.made_by(caller)]
+        raised = min(own or untold, key=lambda r: r.ticket, default=None)
         for refusal in covered:
-            if refusal.owner == caller:
+            refusal.told_other = refusal.told_other or not refusal.made_by(caller)
+            if refusal.made_by(caller) or refusal.orphaned:
                 self._errors.remove(refusal)
-            else:
-                refusal.told_other = True
-        return min(news, key=lambda r: r.ticket).error if news else None
+        # A copy for each raise: one exception object raised in two threads would carry
+        # both tracebacks (and keep their frames alive).
+        return None if raised is None else copy.copy(raised.error)
+
+
+#: Errors whose errno says why a dial failed better than asyncio's text ("Connect call
+#: failed (address)"); their subclasses with words of their own (name resolution, TLS)
+#: keep them.
+_ERRNO_DIAL_ERRORS = (OSError, ConnectionRefusedError, ConnectionResetError, TimeoutError)
 
 
 def _dial_error_text(exc: BaseException) -> str:
-    """Why a dial failed, in words ('Connection refused', not asyncio's errno text)."""
-    if isinstance(exc, OSError) and exc.errno:
+    """Why a dial failed, in words ('Connection refused', 'Name or service not known')."""
+    if type(exc) in _ERRNO_DIAL_ERRORS and isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno)
     return str(exc) or type(exc).__name__
 
@@ -1192,6 +1233,9 @@ class AsyncClient:
             address if isinstance(address, (str, type(None))) else list(address)
         )
         self.codec = codec or default_codec(limits.max_item_bytes, dask_client)
+        #: Our own codec takes the node's item bound (see _send_batches); a caller's is
+        #: left as it was given.
+        self._own_codec = codec is None
         self.limits = limits
         #: max_item_bytes as the node the appends last went to announced it (see _prepare).
         self._node_max_item_bytes: int | None = None
@@ -1284,13 +1328,14 @@ class AsyncClient:
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until every append made before this call (on any channel) is answered.
 
-        Returns only once all of them are committed. If some were refused, raises the
-        first such error (:class:`~raftchan.errors.ChannelStopped`,
+        Returns only once all of them are committed. If some were refused, raises one
+        such error (:class:`~raftchan.errors.ChannelStopped`,
         :class:`~raftchan.errors.LimitExceeded`, :class:`~raftchan.errors.FutureLost`, or
         :class:`CommitUnknown` if the cluster forgot this client's session), after all
-        were answered. A refusal is raised once to the task (or thread) that made the
-        refused append, by its next flush, and once to the first flush of anyone else
-        that covers it. Raises :class:`Timeout` when ``timeout`` (seconds; default the
+        were answered: the first refusal of an append the calling task (or thread) made,
+        else the first that no flush of another has covered yet. So the maker of a
+        refused append always learns of it by its next flush, even when another's flush
+        raised it first. Raises :class:`Timeout` when ``timeout`` (seconds; default the
         client's) passes first: the unanswered appends stay queued and keep being
         retried, and a later ``flush`` waits for them again.
         """
@@ -1426,9 +1471,11 @@ class AsyncClient:
         if channel in self._stopped:
             raise ChannelStopped(f"channel {channel!r} is stopped", channel=channel)
         datas = self.codec.encode_items(channel, items)
-        # The bound the node last connected to announced, if lower than the codec's: an
-        # item above it would only be refused once it reached the node.
-        limit = self._node_max_item_bytes
+        # The bound the node last sent to announced, for a codec the caller gave (ours
+        # takes it while encoding): an item above it would only be refused at the node.
+        # Checked after encoding, so a Dask codec of the caller's may have pinned the
+        # append's futures already.
+        limit = None if self._own_codec else self._node_max_item_bytes
         for data in datas:
             if limit is not None and len(data.data) > limit:
                 raise LimitExceeded(
@@ -1446,9 +1493,13 @@ class AsyncClient:
         self._ensure_sender()
         return ticket
 
-    async def _put(self, channel: str, item: Any, timeout: float | None) -> int:
-        ticket = self._enqueue(channel, self._prepare(channel, (item,)), _caller())
+    async def _put(
+        self, channel: str, item: Any, timeout: float | None, owner: _Caller | None = None
+    ) -> int:
+        owner = owner or _caller()
+        ticket = self._enqueue(channel, self._prepare(channel, (item,)), owner)
         self._outbox.watched.add(ticket)
+        error: RaftchanError | None = None
         try:
             # Its own answer only: a refusal of another append is left to a flush, or a
             # put whose item was stored would raise, and a retry of it store it twice.
@@ -1457,6 +1508,12 @@ class AsyncClient:
             index = self._outbox.indexes.pop(ticket, None)
         finally:
             self._outbox.watched.discard(ticket)
+            self._outbox.indexes.pop(ticket, None)
+            unheard = self._outbox.refused.pop(ticket, None)
+            if unheard is not None:
+                # Refused while this put had stopped waiting (Timeout, cancelled): the
+                # maker's next flush raises it instead.
+                self._outbox.keep(ticket, unheard, owner)
         if error is not None:
             raise error
         if index is None:
@@ -1653,6 +1710,11 @@ class AsyncClient:
         # Fit the batches to the smaller of our limits and the node's.
         node = conn.node_limits
         self._node_max_item_bytes = node.get("max_item_bytes")
+        if self._own_codec and self._node_max_item_bytes is not None:
+            # Checked while encoding, so an item too large is refused before the Dask
+            # codec pins any future of the append (_prepare checks only afterwards).
+            bound = min(self.limits.max_item_bytes, self._node_max_item_bytes)
+            self.codec.max_item_bytes = bound
         max_frame = min(self.limits.max_frame_bytes, node.get("max_frame_bytes", 1 << 62))
         max_items = min(self.limits.max_batch_items, node.get("max_batch_items", 1 << 62))
         max_bytes = max_frame - _APPEND_OVERHEAD

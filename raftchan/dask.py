@@ -355,20 +355,23 @@ def _finish_in_memory(client: DaskClient, statuses: dict[Any, str | None]) -> No
 
 _clients: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 _clients_lock = threading.Lock()
+#: The cluster address install() was given (or sent): it wins over the environment.
+_address: str | None = None
 
 
 def _channel(self: DaskClient, name: str, maxlen: int | None = None) -> Any:
     """Open raftchan channel ``name`` for this Dask client (create if missing, set maxlen).
 
-    The raftchan cluster's address comes from ``$RAFTCHAN_ADDRESS`` or the Dask config key
-    ``raftchan.address``. Futures read from the channel are bound to this Dask client.
+    The raftchan cluster's address is the one :func:`install` was given or sent, else
+    ``$RAFTCHAN_ADDRESS`` or the Dask config key ``raftchan.address``. Futures read from
+    the channel are bound to this Dask client.
     """
     import raftchan
 
     with _clients_lock:
         rc = _clients.get(self)
         if rc is None or rc.closed:
-            rc = _clients[self] = raftchan.Client(dask_client=self)
+            rc = _clients[self] = raftchan.Client(_address, dask_client=self)
             # A worker_client() is closed when its task ends: close the raftchan client
             # with it rather than leaving its thread to the garbage collector.
             weakref.finalize(self, rc.close, 1.0)
@@ -381,7 +384,7 @@ def install(
     """Give ``distributed.Client`` a ``channel(name, maxlen=None)`` method (idempotent).
 
     ``address``: the raftchan cluster's client addresses; when given, ``channel`` uses
-    them in this process (through the Dask config key ``raftchan.address``).
+    them in this process, whatever ``$RAFTCHAN_ADDRESS`` says.
 
     With ``client``, also do this on every worker of that client's cluster, so that
     ``worker_client().channel(...)`` works inside tasks: the address (``address``, else
@@ -393,14 +396,13 @@ def install(
     """
     from distributed import Client
 
+    global _address
     if client is not None:
         resolved = ",".join(parse_addresses(address))  # ConfigError here, not in tasks
         client.run(_install_on_worker, resolved)
     Client.channel = _channel  # type: ignore[attr-defined]
     if address is not None:
-        import dask.config
-
-        dask.config.set({"raftchan.address": ",".join(parse_addresses(address))})
+        _address = ",".join(parse_addresses(address))
 
 
 def _install_on_worker(address: str) -> None:
@@ -411,5 +413,7 @@ def uninstall() -> None:
     """Remove what :func:`install` added to ``distributed.Client`` in this process."""
     from distributed import Client
 
+    global _address
+    _address = None
     if getattr(Client, "channel", None) is _channel:
         del Client.channel  # type: ignore[attr-defined]

@@ -121,9 +121,9 @@ class Client:
 
     def flush(self, timeout: float | None = None) -> None:
         """Block until every earlier append of this client is answered; see
-        :meth:`AsyncClient.flush` (raises the first refusal, or Timeout). A refusal is
-        raised to the thread that made the refused append, by its next flush, and once
-        to the first flush of any other thread."""
+        :meth:`AsyncClient.flush` (raises a refusal, or Timeout). A refusal is raised
+        by the next flush of the thread that made the refused append, whatever flushes
+        of other threads raised before."""
         self._run(self._async._flush(timeout, _caller()))
 
     def status(self, timeout: float | None = None) -> list[dict[str, Any]]:
@@ -265,7 +265,10 @@ class Channel:
         """Append ``item``, block until it and every earlier append are answered, return
         its index; raises only this item's refusal (others are left to :meth:`flush`).
         See :meth:`AsyncChannel.put <raftchan.client.AsyncChannel.put>`."""
-        return self._client._run(self._channel.put(item, timeout))
+        # The caller is this thread, not the task the put runs in on the loop: a refusal
+        # this put no longer waits for (Timeout) goes to this thread's next flush.
+        put = self._client._async._put(self.name, item, timeout, _caller())
+        return self._client._run(put)
 
     @property
     def data(self) -> deque[Any]:

@@ -30,7 +30,7 @@ def no_address_fixture(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 @pytest.mark.usefixtures("no_address")
 def test_install_hands_the_cluster_address_to_workers_that_lack_it(
-    rc_cluster: LocalCluster,
+    rc_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with (
         distributed.LocalCluster(
@@ -49,5 +49,8 @@ def test_install_hands_the_cluster_address_to_workers_that_lack_it(
                 return int(client.channel("from-a-worker").put("appended in a task"))
 
         assert dask_client.submit(append_in_a_task).result(timeout=OP_TIMEOUT) == 0
+        # The address given to install() wins over the environment here too.
+        monkeypatch.setenv("RAFTCHAN_ADDRESS", "127.0.0.1:1")  # nothing listens there
+        assert list(dask_client.channel("from-a-worker").data) == ["appended in a task"]
     with raftchan.Client(rc_cluster.addresses, timeout=OP_TIMEOUT) as rc:
         assert list(rc.channel("from-a-worker").data) == ["appended in a task"]

@@ -415,7 +415,7 @@ def test_a_client_fits_its_batches_to_a_node_with_smaller_limits(tmp_path: Path)
             assert list(chan.data) == items  # read back page by page
             # Fits the client's own limit, not the node's: the node announced its bound,
             # so the append is refused at once.
-            with pytest.raises(raftchan.LimitExceeded, match="the node's max_item_bytes=16384"):
+            with pytest.raises(raftchan.LimitExceeded, match="max_item_bytes=16384"):
                 chan.append("y" * 20_000)
             chan.flush()
             assert len(chan) == len(items)

@@ -12,6 +12,7 @@ run real nodes.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import random
 import socket
@@ -32,11 +33,13 @@ from raftchan.client import (
     _AddressBook,
     _Outbox,
 )
+from raftchan.codec import Encoded
 from raftchan.config import ADDRESS_ENV, ConfigError
 from raftchan.errors import (
     ChannelStopped,
     Closed,
     CommitUnknown,
+    FutureLost,
     LimitExceeded,
     NoLeader,
     NotLeader,
@@ -227,8 +230,9 @@ def test_take_error_leaves_later_errors_for_a_later_flush() -> None:
     assert isinstance(outbox.take_error(outbox.last_ticket), LimitExceeded)
 
 
-ALICE = ("thread", 1)
-BOB = ("thread", 2)
+# Makers of appends: the outbox holds them weakly and compares them by identity.
+ALICE = threading.Thread(name="alice")
+BOB = threading.Thread(name="bob")
 
 
 def test_a_refusal_reaches_its_maker_even_after_another_callers_flush_took_it() -> None:
@@ -256,6 +260,64 @@ def test_a_batch_of_two_makers_refused_is_raised_to_each() -> None:
     assert isinstance(outbox.take_error(outbox.last_ticket, BOB), ChannelStopped)
     assert outbox.take_error(outbox.last_ticket, ALICE) is None
     assert outbox.take_error(outbox.last_ticket, BOB) is None
+
+
+def test_a_flush_raises_its_callers_own_refusal_before_anothers() -> None:
+    outbox = _Outbox(_sessions())
+    outbox.add("x", [b"alice's"], ALICE)
+    outbox.add("y", [b"bob's"], BOB)
+    first, second = outbox.next_batch(10, 1000), outbox.next_batch(10, 1000)
+    assert first and second
+    outbox.refuse(first, ChannelStopped("x stopped"))
+    outbox.refuse(second, ChannelStopped("y stopped"))
+    assert str(outbox.take_error(outbox.last_ticket, BOB)) == "y stopped"
+    # Bob's flush covered Alice's refusal too (one error per flush); Alice still hears.
+    assert outbox.take_error(outbox.last_ticket, BOB) is None
+    assert str(outbox.take_error(outbox.last_ticket, ALICE)) == "x stopped"
+    assert outbox.take_error(outbox.last_ticket, ALICE) is None
+    assert outbox.take_error(outbox.last_ticket, BOB) is None
+
+
+def test_a_refusal_whose_maker_is_gone_is_dropped_once_someone_was_told() -> None:
+    outbox = _Outbox(_sessions())
+    gone = threading.Thread(name="gone")
+    outbox.add("x", [b"x"], gone)
+    batch = outbox.next_batch(10, 1000)
+    assert batch
+    outbox.refuse(batch, ChannelStopped("stopped"))
+    del gone, batch
+    gc.collect()
+    assert isinstance(outbox.take_error(outbox.last_ticket, BOB), ChannelStopped)
+    assert outbox._errors == []
+
+
+def test_after_one_item_is_refused_no_request_spans_its_number() -> None:
+    outbox = _Outbox(_sessions())
+    outbox.add("c", [b"a", b"b", b"too big", b"c", b"d"])
+    batch = outbox.next_batch(100, 10_000)
+    assert batch and [item.seq for item in batch.items] == [1, 2, 3, 4, 5]
+    refusal = LimitExceeded("item 2 too big", limit="max_item_bytes", item=2, max_item_bytes=4)
+    assert outbox.refuse(batch, refusal)
+    assert not outbox.refuse(batch, refusal)  # a repeated answer changes nothing
+    outbox.rewind()
+    # The state numbers a request's items from its first: a request [a, b, c, d] from
+    # seq 1 would store c and d as 3 and 4, where the client holds them as 4 and 5.
+    sent = [outbox.next_batch(100, 10_000) for _ in range(2)]
+    assert [[item.seq for item in b.items] for b in sent if b] == [[1, 2], [4, 5]]
+    error = outbox.take_error(outbox.last_ticket)
+    assert isinstance(error, LimitExceeded) and error.details["size"] == len(b"too big")
+
+
+def test_lost_futures_are_charged_to_the_items_that_held_them() -> None:
+    outbox = _Outbox(_sessions())
+    plain = outbox.add("a", [Encoded(b"data")], ALICE)
+    outbox.watched.add(plain)  # a put of plain data, batched with another's future
+    outbox.add("a", [Encoded(b"future", keys=(b"k",))], BOB)
+    batch = outbox.next_batch(10, 1000)
+    assert batch and len(batch.items) == 2
+    outbox.acknowledge(batch, [0, 1], lost=[b"k"])
+    assert plain not in outbox.refused  # the put returns its index, no FutureLost
+    assert isinstance(outbox.take_error(outbox.last_ticket, BOB), FutureLost)
 
 
 def test_a_watched_items_refusal_goes_to_its_put_alone() -> None:
@@ -366,7 +428,8 @@ def test_session_expiry_fails_what_was_sent_and_renumbers_the_rest() -> None:
     again = list(iter(lambda: outbox.next_batch(10, 1000), None))
     # a1 was not sent yet either, so it survives the expiry with b's item
     assert [(b.channel, [i.seq for i in b.items]) for b in again] == [("a", [1]), ("b", [2])]
-    assert outbox.take_error(outbox.last_ticket) is expired
+    error = outbox.take_error(outbox.last_ticket)
+    assert isinstance(error, CommitUnknown) and error.details == expired.details
 
 
 def test_expiry_after_an_unconsumed_first_request_loses_nothing() -> None:
@@ -821,6 +884,27 @@ def test_a_node_holding_a_request_is_pinged_and_kept() -> None:
             node.release_held()
             await flush
             assert node.connections == 1
+            assert await chan.read() == ["held"]
+
+    run(scenario)
+
+
+def test_a_refusal_that_comes_after_its_put_gave_up_reaches_the_next_flush() -> None:
+    # The put's item is refused while an earlier append is still held: the put times
+    # out waiting for that one, and its refusal must not vanish with it.
+    async def scenario() -> None:
+        (node,) = await _nodes(True)
+        async with AsyncClient(node.address, retry=FAST) as client:
+            chan = await client.channel("c")
+            node.append_faults = ["hold", "refuse"]
+            chan.append("held")
+            await asyncio.sleep(0.05)  # sent alone
+            with pytest.raises(Timeout):
+                await chan.put("refused", timeout=0.3)
+            node.release_held()
+            with pytest.raises(LimitExceeded):
+                await chan.flush(timeout=5.0)
+            await chan.flush(timeout=5.0)  # raised once
             assert await chan.read() == ["held"]
 
     run(scenario)
