@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import copy
 import functools
 import heapq
@@ -33,12 +34,11 @@ import os
 import random
 import ssl
 import sys
-import threading
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -419,24 +419,32 @@ class _FlushWaiters:
 # The outbox: appends from queueing to their answer (pure logic, no I/O)
 
 
-#: Who made an append, or waits in a flush: the asyncio task, or else the thread (the
-#: objects themselves: their ids are reused as soon as they are gone).
-_Caller: TypeAlias = "asyncio.Task[Any] | threading.Thread"
+class _Caller:
+    """Who makes appends and flushes: one per thread, or per asyncio task and the tasks
+    it starts afterwards (asyncio.wait_for and gather run a flush in a task of its own:
+    it is the same caller). Held in a context variable, which new tasks copy."""
+
+    __slots__ = ("__weakref__",)
+
+
+_CALLER: contextvars.ContextVar[_Caller] = contextvars.ContextVar("raftchan_caller")
+#: The maker of appends queued without one (the outbox's own tests).
+_UNKNOWN_CALLER = _Caller()
 
 
 def _caller() -> _Caller:
-    """The calling task (on an event loop) or thread: a refusal is raised to its maker."""
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:  # no event loop in this thread
-        task = None
-    return threading.current_thread() if task is None else task
+    """The caller in this context (thread or task): a refusal is raised to its maker."""
+    caller = _CALLER.get(None)
+    if caller is None:
+        caller = _Caller()
+        _CALLER.set(caller)
+    return caller
 
 
 class _Refusal:
     """An append the cluster refused (or stored with lost futures), until reported.
 
-    Its maker is held weakly: once that task or thread is gone, only others can be told.
+    Its maker is held weakly: once its thread or task is gone, only others can be told.
     """
 
     __slots__ = ("ticket", "error", "_owner", "told_other")
@@ -458,6 +466,8 @@ class _Refusal:
 #: Refusals kept for a maker that has not flushed since, once another caller was told:
 #: a thread that appends and never flushes must not grow the client without bound.
 _MAX_KEPT_REFUSALS = 1000
+#: Refusals kept at all, told or not (the oldest go first, with a warning).
+_MAX_REFUSALS = 10 * _MAX_KEPT_REFUSALS
 
 
 @dataclass(eq=False)
@@ -573,11 +583,16 @@ class _Outbox:
         self._skip_answered()
         return bool(self._unsent)
 
-    def next_batch(self, max_items: int, max_bytes: int) -> _Batch | None:
+    def next_batch(
+        self, max_items: int, max_bytes: int, max_item_bytes: int | None = None
+    ) -> _Batch | None:
         """The next run of unsent items for one channel, within the given bounds.
 
         Always takes at least one item, so an item that alone exceeds ``max_bytes`` still
-        goes out (and gets the node's own verdict).
+        goes out (and gets the node's own verdict). An item above ``max_item_bytes`` (the
+        node's bound) that was never sent in this session is refused here instead, and
+        the items after it are renumbered: the node would refuse the whole request it
+        went out in, and its neighbours with it.
         """
         self._skip_answered()
         if not self._unsent:
@@ -588,11 +603,17 @@ class _Outbox:
         while self._unsent and len(taken) < max_items:
             item = self._unsent[0]
             cost = len(item.data) + _ITEM_OVERHEAD
-            if item.channel != channel or (taken and size + cost > max_bytes):
-                break
             if item.ticket not in self._pending:  # answered while queued for a re-send
                 self._unsent.popleft()
                 continue
+            if (
+                max_item_bytes is not None
+                and len(item.data) > max_item_bytes
+                and self._refuse_unsent(item, max_item_bytes)
+            ):
+                continue
+            if item.channel != channel or (taken and size + cost > max_bytes):
+                break
             if taken and item.seq != taken[-1].seq + 1:
                 # A hole (a refused item's number): the state numbers a request's items
                 # from its first, so one request across it would store them under numbers
@@ -605,6 +626,20 @@ class _Outbox:
             item.sent = True
         self.session_used = True
         return _Batch(self.epoch, self.session, channel, tuple(taken))
+
+    def _refuse_unsent(self, item: _Item, limit: int) -> bool:
+        """Refuse ``item`` (too large for the node) before it is sent, if nothing numbered
+        after it was sent in this session: they all move down one number, so no request
+        ever meets a hole in the numbers. Returns whether it did."""
+        later = [other for other in self._pending.values() if other.seq > item.seq]
+        if item.sent or any(other.sent for other in later):
+            return False  # numbers the state may have seen: leave it to the node
+        self._unsent.remove(item)
+        for other in later:
+            other.seq -= 1
+        self._next_seq -= 1
+        self._fail([item], _item_too_large(item.channel, len(item.data), limit))
+        return True
 
     def _skip_answered(self) -> None:
         while self._unsent and self._unsent[0].ticket not in self._pending:
@@ -639,35 +674,25 @@ class _Outbox:
             )
             self._record(holders, error)
 
-    def refuse(self, batch: _Batch, error: RaftchanError) -> bool:
-        """The cluster refused the batch for a reason that a retry would not change.
-
-        Returns True when the node refused one item of it (too large for the node): only
-        that item is answered with the error, and the caller must send the rest again.
-        """
+    def refuse(self, batch: _Batch, error: RaftchanError) -> None:
+        """The cluster refused the batch for a reason that a retry would not change."""
         if batch.session != self.session:
             # Answer from before a session change: the items were renumbered and will get
             # their own answer in the new session.
-            return False
-        position = error.details.get("item") if isinstance(error, LimitExceeded) else None
-        if isinstance(position, int) and 0 <= position < len(batch.items):
-            # The node checks items before the state sees the request, so none of the
-            # batch was stored and its sequence numbers were not used: the others are sent
-            # again (never across the refused number, see next_batch), and the state's
-            # "sequence gap" there moves what follows into a new session (see gap()).
-            item = batch.items[position]
-            if item.ticket not in self._pending:
-                return False  # a repeated answer: that refusal was recorded already
-            if item.seq == 1:
-                self._unborn = True  # no request of the session reached the state yet
-            self._fail([item], _item_too_large(batch.channel, len(item.data), error))
-            return True
+            return
         if batch.seq == 1 and not isinstance(error, _STATE_REFUSALS):
             # Refused before reaching the replicated state, so the state never created
             # this session; see expire().
             self._unborn = True
-        self._fail([item for item in batch.items if item.ticket in self._pending], error)
-        return False
+        items = [item for item in batch.items if item.ticket in self._pending]
+        position = error.details.get("item") if isinstance(error, LimitExceeded) else None
+        if items and isinstance(position, int) and 0 <= position < len(batch.items):
+            # One item too large for this node took the request down: next_batch keeps
+            # such items out of requests, so this is a node whose bound is lower than the
+            # one announced where the request was built. Say what was lost with it.
+            size = len(batch.items[position].data)
+            error = _item_too_large(batch.channel, size, error, len(items))
+        self._fail(items, error)
 
     def unborn(self, batch: _Batch) -> bool:
         """Whether ``batch``'s session never reached the state (see :meth:`expire`)."""
@@ -731,13 +756,16 @@ class _Outbox:
 
     def keep(self, ticket: int, error: RaftchanError, owner: _Caller | None) -> None:
         """Record a refusal of the append ``ticket`` made by ``owner`` (see take_error)."""
-        self._errors.append(_Refusal(ticket, error, owner or threading.main_thread()))
+        self._errors.append(_Refusal(ticket, error, owner or _UNKNOWN_CALLER))
         # Told to someone else, and its maker gone or silent too long: let it go.
         spent = [r for r in self._errors if r.told_other and r.orphaned]
         told = [r for r in self._errors if r.told_other and not r.orphaned]
         excess = max(0, len(self._errors) - len(spent) - _MAX_KEPT_REFUSALS)
         for refusal in spent + told[:excess]:
             self._errors.remove(refusal)
+        if len(self._errors) > _MAX_REFUSALS:
+            dropped = self._errors.pop(0)
+            logger.warning("more refused appends than flushes to report them: %s", dropped.error)
 
     def _rotate(self, renumber: list[_Item]) -> None:
         """Start a new session; ``renumber`` (unanswered, in order) get numbers 1, 2, ..."""
@@ -765,7 +793,7 @@ class _Outbox:
         only for its maker's next flush, which always raises it: the caller that made
         the refused append learns of it even if another caller's flush came first.
         """
-        caller = caller or threading.main_thread()
+        caller = caller or _UNKNOWN_CALLER
         covered = [r for r in self._errors if r.ticket <= through]
         own = [r for r in covered if r.made_by(caller)]
         untold = [r for r in covered if not r.told_other and not r.made_by(caller)]
@@ -792,15 +820,22 @@ def _dial_error_text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _item_too_large(channel: str, size: int, error: RaftchanError) -> LimitExceeded:
-    limit = error.details.get("max_item_bytes", "?")
+def _item_too_large(
+    channel: str, size: int, limit: Any, refused: int = 1
+) -> LimitExceeded:
+    """The error for an item of ``size`` bytes above the node's bound ``limit``; with
+    ``refused`` > 1, the node refused the whole request, that many appends."""
+    if isinstance(limit, RaftchanError):
+        limit = limit.details.get("max_item_bytes", "?")
+    lost = "" if refused == 1 else f", nor the {refused - 1} other append(s) of its request"
     return LimitExceeded(
         f"an item of {size} bytes appended to {channel!r} exceeds the node's "
-        f"max_item_bytes={limit}: not stored (the appends around it were sent on)",
+        f"max_item_bytes={limit}: it was not stored{lost}",
         channel=channel,
         limit="max_item_bytes",
         size=size,
         max_item_bytes=limit,
+        refused=refused,
     )
 
 
@@ -1336,12 +1371,13 @@ class AsyncClient:
         such error (:class:`~raftchan.errors.ChannelStopped`,
         :class:`~raftchan.errors.LimitExceeded`, :class:`~raftchan.errors.FutureLost`, or
         :class:`CommitUnknown` if the cluster forgot this client's session), after all
-        were answered: the first refusal of an append the calling task (or thread) made,
-        else the first that no flush of another has covered yet. So the maker of a
-        refused append always learns of it by its next flush, even when another's flush
-        raised it first. Raises :class:`Timeout` when ``timeout`` (seconds; default the
-        client's) passes first: the unanswered appends stay queued and keep being
-        retried, and a later ``flush`` waits for them again.
+        were answered: the first refusal of an append the caller made, else the first
+        that no flush of another caller has covered yet. A caller is a thread, or an
+        asyncio task with the tasks it starts (a flush under ``asyncio.wait_for`` is
+        its own). So the maker of a refused append always learns of it by its next
+        flush, even when another's flush raised it first. Raises :class:`Timeout` when
+        ``timeout`` (seconds; default the client's) passes first: the unanswered appends
+        stay queued and keep being retried, and a later ``flush`` waits for them again.
         """
         await self._flush(timeout)
 
@@ -1740,8 +1776,10 @@ class AsyncClient:
         max_items = min(self.limits.max_batch_items, node.get("max_batch_items", 1 << 62))
         max_bytes = max_frame - _APPEND_OVERHEAD
         while self._in_flight < self.max_in_flight:
-            batch = self._outbox.next_batch(max_items, max_bytes)
+            batch = self._outbox.next_batch(max_items, max_bytes, self._node_max_item_bytes)
             if batch is None:
+                # It may have refused items too large for the node: their flushes end.
+                self._notify_flushers()
                 return
             request = protocol.Append(
                 0, batch.channel, batch.session, batch.seq, batch.payload, batch.keys
@@ -1777,9 +1815,7 @@ class AsyncClient:
         else:
             if isinstance(error, ChannelStopped):
                 self._stopped.add(batch.channel)
-            if self._outbox.refuse(batch, error):
-                self._outbox.rewind()
-                self._in_flight = 0
+            self._outbox.refuse(batch, error)
         self._notify_flushers()
         self._sender_wake.set()
 

@@ -31,6 +31,7 @@ from raftchan.client import (
     Backoff,
     RetryPolicy,
     _AddressBook,
+    _Caller,
     _Outbox,
 )
 from raftchan.codec import Encoded
@@ -231,8 +232,8 @@ def test_take_error_leaves_later_errors_for_a_later_flush() -> None:
 
 
 # Makers of appends: the outbox holds them weakly and compares them by identity.
-ALICE = threading.Thread(name="alice")
-BOB = threading.Thread(name="bob")
+ALICE = _Caller()
+BOB = _Caller()
 
 
 def test_a_refusal_reaches_its_maker_even_after_another_callers_flush_took_it() -> None:
@@ -280,7 +281,7 @@ def test_a_flush_raises_its_callers_own_refusal_before_anothers() -> None:
 
 def test_a_refusal_whose_maker_is_gone_is_dropped_once_someone_was_told() -> None:
     outbox = _Outbox(_sessions())
-    gone = threading.Thread(name="gone")
+    gone = _Caller()
     outbox.add("x", [b"x"], gone)
     batch = outbox.next_batch(10, 1000)
     assert batch
@@ -291,21 +292,36 @@ def test_a_refusal_whose_maker_is_gone_is_dropped_once_someone_was_told() -> Non
     assert outbox._errors == []
 
 
-def test_after_one_item_is_refused_no_request_spans_its_number() -> None:
+def test_an_item_too_large_for_the_node_is_refused_before_it_goes_out_leaving_no_hole() -> None:
     outbox = _Outbox(_sessions())
-    outbox.add("c", [b"a", b"b", b"too big", b"c", b"d"])
-    batch = outbox.next_batch(100, 10_000)
-    assert batch and [item.seq for item in batch.items] == [1, 2, 3, 4, 5]
-    refusal = LimitExceeded("item 2 too big", limit="max_item_bytes", item=2, max_item_bytes=4)
-    assert outbox.refuse(batch, refusal)
-    assert not outbox.refuse(batch, refusal)  # a repeated answer changes nothing
-    outbox.rewind()
-    # The state numbers a request's items from its first: a request [a, b, c, d] from
-    # seq 1 would store c and d as 3 and 4, where the client holds them as 4 and 5.
-    sent = [outbox.next_batch(100, 10_000) for _ in range(2)]
-    assert [[item.seq for item in b.items] for b in sent if b] == [[1, 2], [4, 5]]
+    outbox.add("c", [b"a", b"b", b"too big", b"c"])
+    batch = outbox.next_batch(100, 10_000, max_item_bytes=4)
+    # The node would refuse the whole request; the state numbers a request's items from
+    # its first, so the items after it move down one number instead of leaving a hole.
+    assert batch and batch.payload == [b"a", b"b", b"c"]
+    assert [item.seq for item in batch.items] == [1, 2, 3]
+    outbox.add("c", [b"d"])
+    later = outbox.next_batch(100, 10_000, max_item_bytes=4)
+    assert later and [item.seq for item in later.items] == [4]
     error = outbox.take_error(outbox.last_ticket)
     assert isinstance(error, LimitExceeded) and error.details["size"] == len(b"too big")
+
+
+def test_an_item_sent_before_is_left_to_the_nodes_verdict() -> None:
+    # Sent under this session already (to a node allowing it): its number may be known
+    # to the state, so only the node may refuse it, with its request.
+    outbox = _Outbox(_sessions())
+    outbox.add("c", [b"a", b"too big"])
+    first = outbox.next_batch(100, 10_000)
+    assert first and len(first.items) == 2
+    outbox.rewind()
+    again = outbox.next_batch(100, 10_000, max_item_bytes=4)
+    assert again and again.payload == [b"a", b"too big"]
+    node_says = LimitExceeded("item 1 too big", limit="max_item_bytes", item=1, max_item_bytes=4)
+    outbox.refuse(again, node_says)
+    error = outbox.take_error(outbox.last_ticket)
+    assert isinstance(error, LimitExceeded) and error.details["refused"] == 2
+    assert "nor the 1 other append" in str(error)
 
 
 def test_lost_futures_are_charged_to_the_items_that_held_them() -> None:
@@ -906,6 +922,31 @@ def test_a_refusal_that_comes_after_its_put_gave_up_reaches_the_next_flush() -> 
                 await chan.flush(timeout=5.0)
             await chan.flush(timeout=5.0)  # raised once
             assert await chan.read() == ["held"]
+
+    run(scenario)
+
+
+def test_a_maker_flushing_through_wait_for_still_hears_of_its_refusal() -> None:
+    # wait_for (and gather) run the flush in a task of their own: the same caller.
+    async def scenario() -> None:
+        (node,) = await _nodes(True)
+        async with AsyncClient(node.address, retry=FAST) as client:
+            chan = await client.channel("c")
+            made = asyncio.Event()
+
+            async def maker() -> None:
+                node.append_faults = ["refuse"]
+                chan.append("refused")
+                made.set()
+                await asyncio.sleep(0.3)  # the other flush comes first
+                with pytest.raises(LimitExceeded):
+                    await asyncio.wait_for(chan.flush(), 5.0)
+
+            task = asyncio.ensure_future(maker())
+            await made.wait()
+            with pytest.raises(LimitExceeded):  # covers the maker's append: raised once
+                await chan.flush(timeout=5.0)
+            await task
 
     run(scenario)
 
