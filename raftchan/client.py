@@ -34,11 +34,12 @@ import os
 import random
 import ssl
 import sys
+import threading
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import msgpack
 
@@ -419,26 +420,36 @@ class _FlushWaiters:
 # The outbox: appends from queueing to their answer (pure logic, no I/O)
 
 
-class _Caller:
-    """Who makes appends and flushes: one per thread, or per asyncio task and the tasks
-    it starts afterwards (asyncio.wait_for and gather run a flush in a task of its own:
-    it is the same caller). Held in a context variable, which new tasks copy."""
+#: Who makes appends and flushes: the asyncio task, or the thread of a blocking call.
+_Caller: TypeAlias = "asyncio.Task[Any] | threading.Thread"
 
-    __slots__ = ("__weakref__",)
-
-
-_CALLER: contextvars.ContextVar[_Caller] = contextvars.ContextVar("raftchan_caller")
+#: Set by the blocking Client in the loop task that runs a call for a thread (and so in
+#: the tasks that task starts): the call counts as that thread's.
+_THREAD_CALLER: contextvars.ContextVar[threading.Thread] = contextvars.ContextVar(
+    "raftchan_thread_caller"
+)
 #: The maker of appends queued without one (the outbox's own tests).
-_UNKNOWN_CALLER = _Caller()
+_UNKNOWN_CALLER: _Caller = threading.Thread(name="raftchan-unknown-caller")
 
 
 def _caller() -> _Caller:
-    """The caller in this context (thread or task): a refusal is raised to its maker."""
-    caller = _CALLER.get(None)
-    if caller is None:
-        caller = _Caller()
-        _CALLER.set(caller)
-    return caller
+    """The calling thread (blocking Client) or asyncio task: a refusal is raised to its
+    maker. A flush run in a task of its own (gather; asyncio.wait_for before Python
+    3.12) flushes as that task."""
+    thread = _THREAD_CALLER.get(None)
+    if thread is not None:
+        return thread
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no event loop in this thread
+        task = None
+    return threading.current_thread() if task is None else task
+
+
+def _run_as(caller: threading.Thread) -> None:
+    """In the loop task running a blocking call: the call is ``caller``'s (this task's
+    context only; the calling thread's own context is left alone)."""
+    _THREAD_CALLER.set(caller)
 
 
 class _Refusal:
@@ -492,6 +503,8 @@ class _Batch:
     session: bytes
     channel: str
     items: tuple[_Item, ...]
+    #: Some item went out before in this session: an earlier request may have stored it.
+    resend: bool = False
 
     @property
     def seq(self) -> int:
@@ -588,21 +601,16 @@ class _Outbox:
     ) -> _Batch | None:
         """The next run of unsent items for one channel, within the given bounds.
 
-        Always takes at least one item, so an item that alone exceeds ``max_bytes`` still
-        goes out (and gets the node's own verdict). An item above ``max_item_bytes`` (the
-        node's bound) that was never sent in this session is refused here instead, and
-        the items after it are renumbered: the node would refuse the whole request it
-        went out in, and its neighbours with it.
+        Takes at least one item when it returns a batch, so an item that alone exceeds
+        ``max_bytes`` still goes out (and gets the node's own verdict). An item above
+        ``max_item_bytes`` (the node's bound) that was never sent in this session is
+        refused here instead, and the items after it are renumbered: the node would
+        refuse the whole request it went out in, and its neighbours with it. ``None``
+        when nothing is left to send (refusing may have answered the last items).
         """
-        self._skip_answered()
-        if not self._unsent:
-            return None
-        channel = self._unsent[0].channel
         taken: list[_Item] = []
-        size = len(channel)
         while self._unsent and len(taken) < max_items:
             item = self._unsent[0]
-            cost = len(item.data) + _ITEM_OVERHEAD
             if item.ticket not in self._pending:  # answered while queued for a re-send
                 self._unsent.popleft()
                 continue
@@ -612,6 +620,9 @@ class _Outbox:
                 and self._refuse_unsent(item, max_item_bytes)
             ):
                 continue
+            if not taken:
+                channel, size = item.channel, len(item.channel)
+            cost = len(item.data) + _ITEM_OVERHEAD
             if item.channel != channel or (taken and size + cost > max_bytes):
                 break
             if taken and item.seq != taken[-1].seq + 1:
@@ -622,10 +633,13 @@ class _Outbox:
                 break
             taken.append(self._unsent.popleft())
             size += cost
+        if not taken:
+            return None
+        resend = any(item.sent for item in taken)
         for item in taken:
             item.sent = True
         self.session_used = True
-        return _Batch(self.epoch, self.session, channel, tuple(taken))
+        return _Batch(self.epoch, self.session, channel, tuple(taken), resend)
 
     def _refuse_unsent(self, item: _Item, limit: int) -> bool:
         """Refuse ``item`` (too large for the node) before it is sent, if nothing numbered
@@ -680,16 +694,25 @@ class _Outbox:
             # Answer from before a session change: the items were renumbered and will get
             # their own answer in the new session.
             return
-        if batch.seq == 1 and not isinstance(error, _STATE_REFUSALS):
+        by_node = not isinstance(error, _STATE_REFUSALS)
+        if batch.resend and by_node:
+            # A node refused a request that re-sent items (after a lost answer, say, to
+            # another node): an earlier request may have stored them.
+            error = CommitUnknown(
+                f"a node refused a re-sent append ({error}); it may have been stored by "
+                "an earlier attempt",
+                refusal=error.code,
+            )
+        elif batch.seq == 1 and by_node:
             # Refused before reaching the replicated state, so the state never created
             # this session; see expire().
             self._unborn = True
         items = [item for item in batch.items if item.ticket in self._pending]
         position = error.details.get("item") if isinstance(error, LimitExceeded) else None
         if items and isinstance(position, int) and 0 <= position < len(batch.items):
-            # One item too large for this node took the request down: next_batch keeps
-            # such items out of requests, so this is a node whose bound is lower than the
-            # one announced where the request was built. Say what was lost with it.
+            # One item too large for the node took the whole request down: next_batch
+            # keeps such items out of requests it builds, except items it sent before
+            # (numbers the state may know), or when it did not know the node's bound.
             size = len(batch.items[position].data)
             error = _item_too_large(batch.channel, size, error, len(items))
         self._fail(items, error)
@@ -1372,12 +1395,14 @@ class AsyncClient:
         :class:`~raftchan.errors.LimitExceeded`, :class:`~raftchan.errors.FutureLost`, or
         :class:`CommitUnknown` if the cluster forgot this client's session), after all
         were answered: the first refusal of an append the caller made, else the first
-        that no flush of another caller has covered yet. A caller is a thread, or an
-        asyncio task with the tasks it starts (a flush under ``asyncio.wait_for`` is
-        its own). So the maker of a refused append always learns of it by its next
-        flush, even when another's flush raised it first. Raises :class:`Timeout` when
-        ``timeout`` (seconds; default the client's) passes first: the unanswered appends
-        stay queued and keep being retried, and a later ``flush`` waits for them again.
+        that no flush of another caller has covered yet. A caller is an asyncio task (or
+        the thread of a blocking call): so the task that made a refused append learns of
+        it by its next flush, even when another's flush raised it first. Await flush in
+        that task, with its own timeout: a flush run in a task of its own (``gather``,
+        or ``asyncio.wait_for`` before Python 3.12) flushes as that task. Raises
+        :class:`Timeout` when ``timeout`` (seconds; default the client's) passes first:
+        the unanswered appends stay queued and keep being retried, and a later ``flush``
+        waits for them again.
         """
         await self._flush(timeout)
 

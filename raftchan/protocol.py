@@ -506,7 +506,7 @@ def parse_request(message: dict[str, Any], limits: Any = DEFAULT_LIMITS) -> Requ
                     id=request_id,
                     limit="max_item_bytes",
                     size=len(item),
-                    item=position,  # within this request: the client refuses only that one
+                    item=position,  # its position in this request, for the error message
                     max_item_bytes=limits.max_item_bytes,
                 )
         values["items"] = list(items)

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Generator, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from raftchan.client import AsyncChannel, AsyncClient, RetryPolicy, _Caller, _caller
+from raftchan.client import AsyncChannel, AsyncClient, RetryPolicy, _Caller, _run_as
 from raftchan.codec import Encoded, ItemCodec
 from raftchan.errors import Closed
 from raftchan.limits import DEFAULT_LIMITS, Limits
@@ -124,7 +124,7 @@ class Client:
         :meth:`AsyncClient.flush` (raises a refusal, or Timeout). A refusal is raised
         by the next flush of the thread that made the refused append, whatever flushes
         of other threads raised before."""
-        self._run(self._async._flush(timeout, _caller()))
+        self._run(self._async._flush(timeout, threading.current_thread()))
 
     def status(self, timeout: float | None = None) -> list[dict[str, Any]]:
         """Every known node's status; see :meth:`AsyncClient.status`."""
@@ -169,7 +169,7 @@ class Client:
         datas = self._async._prepare(channel, items)
         if not datas:
             return
-        owner = _caller()  # this thread: its flush raises a refusal of these appends
+        owner = threading.current_thread()  # its flush raises their refusals
         with self._handoff_lock:
             # One wake-up of the loop per burst of appends, not one per item.
             first = not self._handoff
@@ -197,7 +197,8 @@ class Client:
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("a blocking raftchan call from the client's own event loop")
-        future = asyncio.run_coroutine_threadsafe(self._after_handoff(coro), self._loop)
+        caller = threading.current_thread()
+        future = asyncio.run_coroutine_threadsafe(self._after_handoff(coro, caller), self._loop)
         while True:
             try:
                 return future.result(timeout=_LIVENESS_CHECK)
@@ -210,7 +211,11 @@ class Client:
                 future.cancel()
                 raise
 
-    async def _after_handoff(self, coro: Coroutine[Any, Any, _T]) -> _T:
+    async def _after_handoff(
+        self, coro: Coroutine[Any, Any, _T], caller: threading.Thread
+    ) -> _T:
+        # The call is the calling thread's (a stop or delete flushes first, as it).
+        _run_as(caller)
         # Appends made before this call in any thread reach the outbox before it runs:
         # that is what makes flush() cover "every earlier append".
         self._drain_handoff()
@@ -267,7 +272,7 @@ class Channel:
         See :meth:`AsyncChannel.put <raftchan.client.AsyncChannel.put>`."""
         # The caller is this thread, not the task the put runs in on the loop: a refusal
         # this put no longer waits for (Timeout) goes to this thread's next flush.
-        put = self._client._async._put(self.name, item, timeout, _caller())
+        put = self._client._async._put(self.name, item, timeout, threading.current_thread())
         return self._client._run(put)
 
     @property

@@ -31,7 +31,6 @@ from raftchan.client import (
     Backoff,
     RetryPolicy,
     _AddressBook,
-    _Caller,
     _Outbox,
 )
 from raftchan.codec import Encoded
@@ -232,8 +231,8 @@ def test_take_error_leaves_later_errors_for_a_later_flush() -> None:
 
 
 # Makers of appends: the outbox holds them weakly and compares them by identity.
-ALICE = _Caller()
-BOB = _Caller()
+ALICE = threading.Thread(name="alice")
+BOB = threading.Thread(name="bob")
 
 
 def test_a_refusal_reaches_its_maker_even_after_another_callers_flush_took_it() -> None:
@@ -281,7 +280,7 @@ def test_a_flush_raises_its_callers_own_refusal_before_anothers() -> None:
 
 def test_a_refusal_whose_maker_is_gone_is_dropped_once_someone_was_told() -> None:
     outbox = _Outbox(_sessions())
-    gone = _Caller()
+    gone = threading.Thread(name="gone")
     outbox.add("x", [b"x"], gone)
     batch = outbox.next_batch(10, 1000)
     assert batch
@@ -319,9 +318,30 @@ def test_an_item_sent_before_is_left_to_the_nodes_verdict() -> None:
     assert again and again.payload == [b"a", b"too big"]
     node_says = LimitExceeded("item 1 too big", limit="max_item_bytes", item=1, max_item_bytes=4)
     outbox.refuse(again, node_says)
+    # The first request may have stored both (its answer was lost): not a refusal.
     error = outbox.take_error(outbox.last_ticket)
-    assert isinstance(error, LimitExceeded) and error.details["refused"] == 2
-    assert "nor the 1 other append" in str(error)
+    assert isinstance(error, CommitUnknown) and error.details["refusal"] == "limit_exceeded"
+
+
+def test_a_node_refusing_a_request_for_one_item_says_how_many_appends_went() -> None:
+    # A node whose bound is lower than the one the request was built for.
+    outbox = _Outbox(_sessions())
+    outbox.add("c", [b"a", b"too big", b"b"])
+    batch = outbox.next_batch(100, 10_000, max_item_bytes=100)
+    assert batch and len(batch.items) == 3
+    node_says = LimitExceeded("item 1 too big", limit="max_item_bytes", item=1, max_item_bytes=4)
+    outbox.refuse(batch, node_says)
+    error = outbox.take_error(outbox.last_ticket)
+    assert isinstance(error, LimitExceeded) and error.details["refused"] == 3
+    assert "nor the 2 other append(s)" in str(error)
+
+
+def test_refusing_the_last_queued_items_leaves_nothing_to_send() -> None:
+    outbox = _Outbox(_sessions())
+    outbox.add("a", [b"too big"])
+    outbox.add("b", [b"too big too"])
+    assert outbox.next_batch(100, 10_000, max_item_bytes=4) is None
+    assert outbox.pending == 0 and outbox.done_through() == outbox.last_ticket
 
 
 def test_lost_futures_are_charged_to_the_items_that_held_them() -> None:
@@ -926,8 +946,7 @@ def test_a_refusal_that_comes_after_its_put_gave_up_reaches_the_next_flush() -> 
     run(scenario)
 
 
-def test_a_maker_flushing_through_wait_for_still_hears_of_its_refusal() -> None:
-    # wait_for (and gather) run the flush in a task of their own: the same caller.
+def test_a_task_hears_of_its_refusal_after_another_tasks_flush_raised_it() -> None:
     async def scenario() -> None:
         (node,) = await _nodes(True)
         async with AsyncClient(node.address, retry=FAST) as client:
@@ -940,7 +959,8 @@ def test_a_maker_flushing_through_wait_for_still_hears_of_its_refusal() -> None:
                 made.set()
                 await asyncio.sleep(0.3)  # the other flush comes first
                 with pytest.raises(LimitExceeded):
-                    await asyncio.wait_for(chan.flush(), 5.0)
+                    await chan.flush(timeout=5.0)
+                await chan.flush(timeout=5.0)  # once
 
             task = asyncio.ensure_future(maker())
             await made.wait()
