@@ -547,6 +547,8 @@ class _Outbox:
         self._errors: list[_Refusal] = []
         #: The refusals of watched tickets (``put``), reported by the put alone.
         self.refused: dict[int, RaftchanError] = {}
+        #: Items refused before they were sent, ever (see next_batch).
+        self.refused_unsent = 0
         #: The session's seq 1 was refused before reaching the state (see expire()).
         self._unborn = False
         #: Tickets whose index the caller waits for (``put``), and the indexes they got.
@@ -652,6 +654,7 @@ class _Outbox:
         for other in later:
             other.seq -= 1
         self._next_seq -= 1
+        self.refused_unsent += 1
         self._fail([item], _item_too_large(item.channel, len(item.data), limit))
         return True
 
@@ -695,12 +698,14 @@ class _Outbox:
             # their own answer in the new session.
             return
         by_node = not isinstance(error, _STATE_REFUSALS)
-        if batch.resend and by_node:
-            # A node refused a request that re-sent items (after a lost answer, say, to
-            # another node): an earlier request may have stored them.
+        if batch.resend:
+            # A request that re-sent items (after a lost answer) was refused: an earlier
+            # request may have stored some of them. A re-send can join requests that were
+            # sent apart, and the state refuses a decided range if any part of it was
+            # refused (a node may also hold a lower bound than the one that took them).
             error = CommitUnknown(
-                f"a node refused a re-sent append ({error}); it may have been stored by "
-                "an earlier attempt",
+                f"a re-sent append was refused ({error}); an earlier attempt may have "
+                "stored it",
                 refusal=error.code,
             )
         elif batch.seq == 1 and by_node:
@@ -1800,18 +1805,21 @@ class AsyncClient:
         max_frame = min(self.limits.max_frame_bytes, node.get("max_frame_bytes", 1 << 62))
         max_items = min(self.limits.max_batch_items, node.get("max_batch_items", 1 << 62))
         max_bytes = max_frame - _APPEND_OVERHEAD
+        refused = self._outbox.refused_unsent
         while self._in_flight < self.max_in_flight:
             batch = self._outbox.next_batch(max_items, max_bytes, self._node_max_item_bytes)
             if batch is None:
-                # It may have refused items too large for the node: their flushes end.
-                self._notify_flushers()
-                return
+                break
             request = protocol.Append(
                 0, batch.channel, batch.session, batch.seq, batch.payload, batch.keys
             )
             future = conn.send(request, self.retry.attempt_timeout)
             self._in_flight += 1
             future.add_done_callback(functools.partial(self._on_append_answer, batch, conn))
+        if self._outbox.refused_unsent != refused:
+            # Items too large for the node were answered here, not by an answer: the
+            # flushes and puts waiting for them end now.
+            self._notify_flushers()
 
     def _on_append_answer(
         self, batch: _Batch, conn: _Connection, future: asyncio.Future[dict[str, Any]]

@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -27,6 +28,7 @@ import raftchan
 from raftchan import protocol
 from raftchan.client import (
     _MAX_KEPT_REFUSALS,
+    AsyncChannel,
     AsyncClient,
     Backoff,
     RetryPolicy,
@@ -354,6 +356,31 @@ def test_lost_futures_are_charged_to_the_items_that_held_them() -> None:
     outbox.acknowledge(batch, [0, 1], lost=[b"k"])
     assert plain not in outbox.refused  # the put returns its index, no FutureLost
     assert isinstance(outbox.take_error(outbox.last_ticket, BOB), FutureLost)
+
+
+def test_a_refused_resend_of_requests_sent_apart_is_an_unknown_outcome() -> None:
+    # x1 and x2 were stored (answer lost), the channel was stopped, x3 refused (answer
+    # lost): the re-send joins them in one request, which the state refuses as a whole.
+    state = ChannelState()
+    state.apply(encode_command([["open", "a", None]], 100, 100))
+    outbox = _Outbox(_sessions())
+    outbox.add("a", [b"x1", b"x2"])
+    first = outbox.next_batch(100, 10_000)
+    assert first
+    apply = [["append", "a", first.session, first.seq, first.payload]]
+    assert state.apply(encode_command(apply, 100, 100))[0]["ok"]
+    state.apply(encode_command([["stop", "a"]], 100, 100))
+    outbox.add("a", [b"x3"])
+    assert outbox.next_batch(100, 10_000)
+    outbox.rewind()
+    again = outbox.next_batch(100, 10_000)
+    assert again and again.payload == [b"x1", b"x2", b"x3"]
+    apply = [["append", "a", again.session, again.seq, again.payload]]
+    answer = state.apply(encode_command(apply, 100, 100))[0]
+    assert answer["code"] == "channel_stopped"
+    outbox.refuse(again, ChannelStopped("stopped"))
+    error = outbox.take_error(outbox.last_ticket)
+    assert isinstance(error, CommitUnknown), error  # not "refused": x1 and x2 are stored
 
 
 def test_a_watched_items_refusal_goes_to_its_put_alone() -> None:
@@ -967,6 +994,30 @@ def test_a_task_hears_of_its_refusal_after_another_tasks_flush_raised_it() -> No
             with pytest.raises(LimitExceeded):  # covers the maker's append: raised once
                 await chan.flush(timeout=5.0)
             await task
+
+    run(scenario)
+
+
+def test_a_put_of_an_item_too_large_for_the_node_ends_at_once() -> None:
+    # Queued before the client knew the node's bound: refused as the request is built,
+    # while the append after it goes out (and is held); the put must not wait for that.
+    async def scenario() -> None:
+        node = await _node("n0", ChannelState(), limits=Limits(max_item_bytes=1000))
+        node.apply(["open", "a", None])
+        node.append_faults = ["hold"]
+        # The held request is not given up on within the put's timeout.
+        patient = replace(FAST, attempt_timeout=30.0, timeout=30.0)
+        client = AsyncClient(node.address, retry=patient, max_in_flight=1)
+        try:
+            chan = AsyncChannel(client, "a")  # no connection yet
+            put = asyncio.ensure_future(chan.put("x" * 5000, timeout=3.0))
+            await asyncio.sleep(0)
+            chan.append("later")
+            with pytest.raises(LimitExceeded):
+                await put
+        finally:
+            node.release_held()
+            await client.close(1.0)
 
     run(scenario)
 
