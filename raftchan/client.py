@@ -719,7 +719,8 @@ class _Outbox:
             # keeps such items out of requests it builds, except items it sent before
             # (numbers the state may know), or when it did not know the node's bound.
             size = len(batch.items[position].data)
-            error = _item_too_large(batch.channel, size, error, len(items))
+            limit = error.details.get("max_item_bytes", "?")
+            error = _item_too_large(batch.channel, size, limit, len(items))
         self._fail(items, error)
 
     def unborn(self, batch: _Batch) -> bool:
@@ -848,13 +849,9 @@ def _dial_error_text(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _item_too_large(
-    channel: str, size: int, limit: Any, refused: int = 1
-) -> LimitExceeded:
+def _item_too_large(channel: str, size: int, limit: Any, refused: int = 1) -> LimitExceeded:
     """The error for an item of ``size`` bytes above the node's bound ``limit``; with
     ``refused`` > 1, the node refused the whole request, that many appends."""
-    if isinstance(limit, RaftchanError):
-        limit = limit.details.get("max_item_bytes", "?")
     lost = "" if refused == 1 else f", nor the {refused - 1} other append(s) of its request"
     return LimitExceeded(
         f"an item of {size} bytes appended to {channel!r} exceeds the node's "
@@ -1411,12 +1408,10 @@ class AsyncClient:
         """
         await self._flush(timeout)
 
-    async def _flush(self, timeout: float | None, caller: _Caller | None = None) -> None:
-        """:meth:`flush`; ``caller``: who flushes (default: the running task).
-
-        One coroutine (no await of another): each level of awaits costs every producer
-        of a round a resume, several microseconds of client CPU per append at 64.
-        """
+    async def _flush(self, timeout: float | None) -> None:
+        """:meth:`flush`, as one coroutine (no await of another): each level of awaits
+        costs every producer of a round a resume, several microseconds of client CPU per
+        append at 64."""
         self._check_open()
         target = self._outbox.last_ticket
         waiter = self._flush_waiter(target, timeout)
@@ -1426,7 +1421,7 @@ class AsyncClient:
             except _FlushExpired:
                 raise self._unconfirmed(target, timeout) from None
         if self._outbox.has_refusals:
-            error = self._outbox.take_error(target, caller or _caller())
+            error = self._outbox.take_error(target, _caller())
             if error is not None:
                 raise error
 
@@ -1558,14 +1553,10 @@ class AsyncClient:
         # Checked after encoding, so a Dask codec of the caller's may have pinned the
         # append's futures already.
         limit = None if self._own_codec else self._node_max_item_bytes
-        for data in datas:
-            if limit is not None and len(data.data) > limit:
-                raise LimitExceeded(
-                    f"item of {len(data.data)} bytes exceeds the node's max_item_bytes={limit}",
-                    limit="max_item_bytes",
-                    size=len(data.data),
-                    max_item_bytes=limit,
-                )
+        if limit is not None:
+            for data in datas:
+                if len(data.data) > limit:
+                    raise _item_too_large(channel, len(data.data), limit)
         return datas
 
     def _enqueue(self, channel: str, datas: list[Encoded], owner: _Caller) -> int:
@@ -1575,13 +1566,11 @@ class AsyncClient:
         self._ensure_sender()
         return ticket
 
-    async def _put(
-        self, channel: str, item: Any, timeout: float | None, owner: _Caller | None = None
-    ) -> int:
-        owner = owner or _caller()
+    async def _put(self, channel: str, item: Any, timeout: float | None) -> int:
+        owner = _caller()
         ticket = self._enqueue(channel, self._prepare(channel, (item,)), owner)
         self._outbox.watched.add(ticket)
-        error: RaftchanError | None = None
+        answered = False
         try:
             # Its own answer only: a refusal of another append is left to a flush, or a
             # put whose item was stored would raise, and a retry of it store it twice.
@@ -1591,16 +1580,15 @@ class AsyncClient:
                     await waiter
                 except _FlushExpired:
                     raise self._unconfirmed(ticket, timeout) from None
-            error = self._outbox.refused.pop(ticket, None)
-            index = self._outbox.indexes.pop(ticket, None)
+            answered = True
         finally:
             self._outbox.watched.discard(ticket)
-            self._outbox.indexes.pop(ticket, None)
-            unheard = self._outbox.refused.pop(ticket, None)
-            if unheard is not None:
+            index = self._outbox.indexes.pop(ticket, None)
+            error = self._outbox.refused.pop(ticket, None)
+            if error is not None and not answered:
                 # Refused while this put had stopped waiting (Timeout, cancelled): the
                 # maker's next flush raises it instead.
-                self._outbox.keep(ticket, unheard, owner)
+                self._outbox.keep(ticket, error, owner)
         if error is not None:
             raise error
         if index is None:

@@ -397,12 +397,13 @@ def install(
     from distributed import Client
 
     global _address
-    if client is not None:
+    if client is not None or address is not None:
         resolved = ",".join(parse_addresses(address))  # ConfigError here, not in tasks
-        client.run(_install_on_worker, resolved)
+        if client is not None:
+            client.run(_install_on_worker, resolved)
+        if address is not None:
+            _address = resolved
     Client.channel = _channel  # type: ignore[attr-defined]
-    if address is not None:
-        _address = ",".join(parse_addresses(address))
 
 
 def _install_on_worker(address: str) -> None:

@@ -124,7 +124,7 @@ class Client:
         :meth:`AsyncClient.flush` (raises a refusal, or Timeout). A refusal is raised
         by the next flush of the thread that made the refused append, whatever flushes
         of other threads raised before."""
-        self._run(self._async._flush(timeout, threading.current_thread()))
+        self._run(self._async.flush(timeout))
 
     def status(self, timeout: float | None = None) -> list[dict[str, Any]]:
         """Every known node's status; see :meth:`AsyncClient.status`."""
@@ -214,7 +214,7 @@ class Client:
     async def _after_handoff(
         self, coro: Coroutine[Any, Any, _T], caller: threading.Thread
     ) -> _T:
-        # The call is the calling thread's (a stop or delete flushes first, as it).
+        # The call is the calling thread's: a flush, put, stop or delete counts as its.
         _run_as(caller)
         # Appends made before this call in any thread reach the outbox before it runs:
         # that is what makes flush() cover "every earlier append".
@@ -270,10 +270,7 @@ class Channel:
         """Append ``item``, block until it and every earlier append are answered, return
         its index; raises only this item's refusal (others are left to :meth:`flush`).
         See :meth:`AsyncChannel.put <raftchan.client.AsyncChannel.put>`."""
-        # The caller is this thread, not the task the put runs in on the loop: a refusal
-        # this put no longer waits for (Timeout) goes to this thread's next flush.
-        put = self._client._async._put(self.name, item, timeout, threading.current_thread())
-        return self._client._run(put)
+        return self._client._run(self._channel.put(item, timeout))
 
     @property
     def data(self) -> deque[Any]:
